@@ -1,0 +1,1 @@
+"""llamagrid token-bucket rate limits on Redis (see issue 3)."""

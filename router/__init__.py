@@ -1,0 +1,1 @@
+"""llamagrid router: the public gRPC entry (see issue 3)."""

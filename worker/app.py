@@ -1,0 +1,221 @@
+"""Builds a worker from its config (model, KV pool, engine, gRPC server) and runs it until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+from worker.config import WorkerConfig
+from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
+from worker.kv_cache import BlockManager
+from worker.model.loader import load_hf_config, load_model
+from worker.model_runner import ModelRunner
+from worker.scheduler import Scheduler, SchedulerConfig
+from worker.sequence import SamplingParams
+from worker.server import InferenceServicer, WorkerServicer
+from worker.service import InferenceService
+from worker.tokenizer import Tokenizer
+from worker.validation import Limits
+
+log = structlog.get_logger("worker.app")
+
+SERVICE_NAMES = ("", "llamagrid.v1.Inference", "llamagrid.worker.v1.Worker")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """What warm-up decided: the KV pool size (values found at run time, kept out of the config)."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    max_context: int  # min(model's context, pool capacity)
+
+
+def plan_kv_cache(config: WorkerConfig, hf_config, dtype: torch.dtype, device: torch.device) -> CacheLayout:
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    num_kv_heads = hf_config.num_key_value_heads or hf_config.num_attention_heads
+    bytes_per_token = 2 * hf_config.num_hidden_layers * num_kv_heads * head_dim * dtype.itemsize
+    model_context = int(hf_config.max_position_embeddings)
+    useful_tokens = config.max_num_seqs * model_context
+    if config.kv_cache_tokens is not None:
+        tokens = config.kv_cache_tokens
+    else:
+        budget = int(_available_memory_bytes(device) * config.kv_memory_fraction)
+        tokens = min(budget // bytes_per_token, useful_tokens)
+    num_blocks = tokens // config.block_size
+    if num_blocks < 1:
+        raise ValueError("the KV cache budget does not hold a single block; raise --kv-cache-tokens")
+    return CacheLayout(num_blocks, config.block_size, bytes_per_token,
+                       min(model_context, num_blocks * config.block_size))
+
+
+class Worker:
+    """One replica: engine thread plus gRPC servicers sharing one InferenceService."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        started = time.monotonic()
+        hf_config = load_hf_config(config.model_dir)
+        model = load_model(config.model_dir, dtype=self.dtype, device=self.device)
+        self.layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.runner = ModelRunner(
+            model,
+            num_blocks=self.layout.num_blocks,
+            block_size=self.layout.block_size,
+            num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            head_dim=head_dim,
+            num_layers=hf_config.num_hidden_layers,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
+        block_manager = BlockManager(self.layout.num_blocks, self.layout.block_size, config.enable_prefix_caching)
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.layout.max_context,
+            ),
+            block_manager,
+        )
+        self.engine = Engine(scheduler, self.runner, self.tokenizer.decoder, self.tokenizer.eos_token_ids)
+        limits = Limits(
+            max_context=self.layout.max_context,
+            default_max_new_tokens=config.default_max_new_tokens,
+            max_stop_strings=config.max_stop_strings,
+            max_stop_chars=config.max_stop_chars,
+            max_message_chars=config.max_message_chars,
+            max_num_inputs=config.max_num_inputs,
+        )
+        self.service = InferenceService(self.engine, self.tokenizer, limits, config.served_model_name)
+        self.info = wpb.InfoResponse(
+            model=config.served_model_name,
+            max_context=self.layout.max_context,
+            tp_size=1,
+            kv_capacity_tokens=self.layout.num_blocks * self.layout.block_size,
+            block_size=self.layout.block_size,
+            max_num_seqs=config.max_num_seqs,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            vocab_size=hf_config.vocab_size,
+        )
+        log.info(
+            "worker_loaded",
+            load_s=round(time.monotonic() - started, 2),
+            kv_blocks=self.layout.num_blocks,
+            kv_pool_bytes=self.runner.kv_cache_bytes,
+            max_context=self.layout.max_context,
+            device=str(self.device),
+            dtype=str(self.dtype),
+        )
+
+    def warm_up(self) -> None:
+        """Run one short request through the engine thread so the first real one is not slow."""
+        finished: list[FinishEvent] = []
+        ready = threading.Event()
+
+        def sink(events) -> None:
+            for e in events:
+                if isinstance(e, FinishEvent):
+                    finished.append(e)
+                    ready.set()
+                elif isinstance(e, ErrorEvent):
+                    ready.set()
+
+        prompt = [self.tokenizer.bos_token_id or 1] * min(self.config.block_size * 2, self.layout.max_context - 4)
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        self.engine.submit(EngineRequest("warmup", prompt, params, sink))
+        if not ready.wait(300):
+            raise RuntimeError("warm-up did not finish in 300 s")
+        if not finished:
+            raise RuntimeError("warm-up request failed")
+        self.engine.scheduler.block_manager.reset_prefix_cache()
+
+
+def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(worker.service), server)
+    wpb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker.service, worker.info), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    return server, bound, health
+
+
+async def _set_health(health: HealthServicer, status) -> None:
+    for name in SERVICE_NAMES:
+        await health.set(name, status)
+
+
+async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
+    """Load, warm up, serve until SIGTERM/SIGINT, then drain in-flight requests and stop."""
+    worker = Worker(config)
+    server, port, health = build_server(worker, config.host, config.port)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    worker.engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, worker.warm_up)
+    worker.service.is_accepting = True
+    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+    log.info("worker_serving", port=port, model=config.served_model_name)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("worker_draining", num_in_flight=worker.service.num_in_flight)
+    worker.service.is_accepting = False
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = time.monotonic() + config.drain_timeout_s
+    while worker.service.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=1.0)
+    worker.engine.stop()
+    log.info("worker_stopped")

@@ -1,0 +1,122 @@
+"""The `llamagrid` command: make-tiny-model, worker, up (a local worker with a streamed demo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("LLAMAGRID_HOME", Path.home() / ".cache" / "llamagrid"))
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.model.tiny import make_tiny_model
+
+    kwargs = dict(seed=args.seed, num_layers=args.layers, hidden_size=args.hidden_size,
+                  num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
+                  intermediate_size=args.intermediate_size)
+    if args.vocab_size:
+        kwargs["vocab_size"] = args.vocab_size
+    path = make_tiny_model(Path(args.dir), **kwargs)
+    print(path)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.__main__ import main as worker_main
+
+    return worker_main(args.worker_args)
+
+
+def ensure_tiny_model(home: Path = DEFAULT_HOME) -> Path:
+    """The default checkpoint: generated once (seeded) under LLAMAGRID_HOME, reused afterwards."""
+    from worker.model.tiny import make_tiny_model
+
+    path = home / "tiny-llama-2-chat"
+    if not (path / "config.json").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=home))
+        make_tiny_model(tmp / "m", seed=0)
+        (tmp / "m").rename(path)
+        tmp.rmdir()
+    return path
+
+
+def _demo(port: int) -> None:
+    import grpc
+
+    from protos.llamagrid.v1 import inference_pb2 as pb
+    from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        turn = pb.ChatTurn(
+            messages=[pb.ChatMessage(role="system", content="You are a helpful assistant."),
+                      pb.ChatMessage(role="user", content="Say hello to the cluster.")],
+            parameters=pb.SamplingParameters(max_new_tokens=32, temperature=0.7, seed=7),
+        )
+        print("demo chat (tiny random model, so the reply is gibberish): ", end="", flush=True)
+        for event in stub.Chat(iter([pb.ChatRequest(turn=turn)])):
+            if event.HasField("delta"):
+                print(event.delta.text, end="", flush=True)
+            else:
+                reason = pb.FinishReason.Name(event.end.finish_reason)
+                print(f"\n[finish={reason} prompt_tokens={event.end.usage.prompt_tokens} "
+                      f"completion_tokens={event.end.usage.completion_tokens}]")
+                break
+
+
+def _up(args: argparse.Namespace) -> int:
+    from worker.launch import start_worker
+
+    model = Path(args.model) if args.model else ensure_tiny_model()
+    worker = start_worker(model, port=args.port, timeout=600)
+    try:
+        print(f"worker serving {model.name} on {worker.address} (llamagrid.v1.Inference)", flush=True)
+        _demo(worker.port)
+        if args.demo_only:
+            return 0
+        print("serving; Ctrl-C stops it", flush=True)
+        return worker.proc.wait() or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        worker.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamagrid", description="llamagrid: serve Llama-2 chat models over gRPC")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny-model", help="write a small random Llama-2-format checkpoint")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=None)
+    t.add_argument("--intermediate-size", type=int, default=176)
+    t.add_argument("--vocab-size", type=int, default=None)
+    t.set_defaults(func=_make_tiny_model)
+
+    w = sub.add_parser("worker", help="run one worker (same flags as python -m worker)", add_help=False)
+    w.add_argument("worker_args", nargs=argparse.REMAINDER)
+    w.set_defaults(func=_worker)
+
+    u = sub.add_parser("up", help="start a local worker (tiny model by default) and stream a demo chat")
+    u.add_argument("--model", default=None, help="checkpoint directory (default: the generated tiny model)")
+    u.add_argument("--port", type=int, default=50061)
+    u.add_argument("--demo-only", action="store_true", help="exit after the demo")
+    u.set_defaults(func=_up)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The worker's one configuration object, built from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model_dir: Path
+    model_name: str = ""  # served name; empty = the checkpoint directory's name
+    host: str = "127.0.0.1"
+    port: int = 50061  # 0 = any free port
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget of one engine step
+    kv_cache_tokens: int | None = None  # KV pool size in tokens; None = from kv_memory_fraction
+    kv_memory_fraction: float = 0.25  # of free device memory (CPU: of available RAM) for the KV pool
+    enable_prefix_caching: bool = True
+    default_max_new_tokens: int = 256
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_message_chars: int = 100_000
+    max_num_inputs: int = 64  # inputs per Generate request
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir is required")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be positive")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError("kv_cache_tokens must hold at least one block")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError("kv_memory_fraction must be in (0, 1]")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.model_dir).resolve().name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = WorkerConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m worker", description="Serve one Llama-2 replica over gRPC.")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--model-name", default="", help="served model name (default: the directory name)")
+    p.add_argument("--host", default=d["host"].default)
+    p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
+    p.add_argument("--device", default=d["device"].default)
+    p.add_argument("--dtype", default=d["dtype"].default, choices=DTYPES)
+    p.add_argument("--block-size", type=int, default=d["block_size"].default)
+    p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
+    p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--kv-memory-fraction", type=float, default=d["kv_memory_fraction"].default)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--default-max-new-tokens", type=int, default=d["default_max_new_tokens"].default)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model_dir=args.model,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_memory_fraction=args.kv_memory_fraction,
+        enable_prefix_caching=not args.no_prefix_caching,
+        default_max_new_tokens=args.default_max_new_tokens,
+        num_threads=args.num_threads,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,245 @@
+"""The engine loop: one dedicated thread runs schedule -> model step -> update and emits events."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from worker.detokenizer import TextStream, TokenDecoder
+from worker.errors import ServiceError
+from worker.scheduler import Scheduler
+from worker.sequence import FinishReason, SamplingParams, Sequence
+
+log = structlog.get_logger("worker.engine")
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class FinishEvent:
+    finish_reason: FinishReason
+    num_prompt_tokens: int
+    num_output_tokens: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class ErrorEvent:
+    error: ServiceError
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+Sink = Callable[[list[Event]], None]
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """A validated request: prompt ids within the context, resolved sampling parameters."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: Sink  # called from the engine thread with each step's events for this request
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass(slots=True)
+class _Active:
+    seq: Sequence
+    stream: TextStream
+    sink: Sink
+    deadline: float | None
+    pending: list[Event] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_pending_tokens: int
+
+
+class Engine:
+    """Owns the scheduler and model runner; all model work happens on its thread."""
+
+    def __init__(self, scheduler: Scheduler, runner, decoder: TokenDecoder, eos_token_ids: frozenset[int]):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.decoder = decoder
+        self.eos_token_ids = eos_token_ids
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._active: dict[str, _Active] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.num_steps = 0
+        self._load = LoadSnapshot(0, 0, scheduler.block_manager.num_free_blocks,
+                                  scheduler.block_manager.num_blocks, 0)
+
+    # --- called from any thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; its events arrive through request.sink, ending with a Finish or Error event."""
+        self._inbox.put(("add", request))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (no-op if it already finished); it ends with a CANCELLED finish event."""
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    @property
+    def load(self) -> LoadSnapshot:
+        return self._load
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- engine thread --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            self._expire_deadlines()
+            if not self.scheduler.has_unfinished:
+                self._publish_load()
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must survive; requests in flight are failed
+                log.exception("engine_step_failed", num_active=len(self._active))
+                self._fail_all(ServiceError("internal error in the engine step"))
+        self._fail_all(ServiceError("engine stopped"))
+
+    def step(self) -> None:
+        """Run one scheduled batch through the model and deliver the resulting events."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        sampled = self.runner.run(batch)
+        updated = self.scheduler.update(batch, sampled)
+        self.num_steps += 1
+        for seq in updated:
+            active = self._active.get(seq.request_id)
+            if active is None:
+                continue
+            token_id = seq.token_ids[-1]
+            text = active.stream.push(token_id)
+            if active.stream.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            active.pending.append(TokenEvent(text, [token_id]))
+            if seq.is_finished:
+                self._finish(active)
+        self._flush_events()
+        self._publish_load()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(item)
+            else:
+                self._abort(item)
+        self._flush_events()
+
+    def _add(self, request: EngineRequest) -> None:
+        if request.request_id in self._active:
+            request.sink([ErrorEvent(ServiceError(f"request id {request.request_id!r} already in flight"))])
+            return
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params, self.eos_token_ids)
+        stream = self.decoder.stream(request.params.stop)
+        self._active[request.request_id] = _Active(seq, stream, request.sink, request.deadline)
+        self.scheduler.add(seq)
+
+    def _abort(self, request_id: str) -> None:
+        active = self._active.get(request_id)
+        if active is None:
+            return
+        self.scheduler.abort(request_id)
+        active.seq.finish_reason = FinishReason.CANCELLED
+        self._finish(active)
+        self._flush_events()
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        expired = [rid for rid, a in self._active.items() if a.deadline is not None and a.deadline <= now]
+        for request_id in expired:
+            self._abort(request_id)
+
+    def _finish(self, active: _Active) -> None:
+        seq = active.seq
+        tail = active.stream.flush()
+        if tail:
+            active.pending.append(TokenEvent(tail, []))
+        active.pending.append(
+            FinishEvent(
+                finish_reason=seq.finish_reason or FinishReason.CANCELLED,
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_output_tokens=seq.num_output_tokens,
+                prompt_token_ids=list(seq.prompt_token_ids),
+                output_token_ids=seq.output_token_ids,
+            )
+        )
+        del self._active[seq.request_id]
+        self._deliver(active)
+
+    def _flush_events(self) -> None:
+        for active in self._active.values():
+            if active.pending:
+                self._deliver(active)
+
+    @staticmethod
+    def _deliver(active: _Active) -> None:
+        events, active.pending = active.pending, []
+        if events:
+            try:
+                active.sink(events)
+            except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
+                log.warning("event_sink_failed", request_id=active.seq.request_id)
+
+    def _fail_all(self, error: ServiceError) -> None:
+        for request_id, active in list(self._active.items()):
+            self.scheduler.abort(request_id)
+            active.pending.append(ErrorEvent(error))
+            self._deliver(active)
+        self._active.clear()
+
+    def _publish_load(self) -> None:
+        bm = self.scheduler.block_manager
+        pending = sum(
+            a.seq.num_tokens - a.seq.num_computed_tokens + a.seq.params.max_new_tokens - a.seq.num_output_tokens
+            for a in self._active.values()
+        )
+        self._load = LoadSnapshot(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_pending_tokens=pending,
+        )

@@ -1,0 +1,90 @@
+"""Service errors and the one place that turns them into gRPC status."""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+import structlog
+
+log = structlog.get_logger("worker.errors")
+
+
+class ServiceError(Exception):
+    """An expected failure with the gRPC status the client gets. The message never contains user text."""
+
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ServiceError):
+    """A request field is out of range; the message names the field."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ModelNotFound(ServiceError):
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class EngineUnavailable(ServiceError):
+    """The engine is not serving (warming up, draining, or stopped)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class DuplicateRequest(ServiceError):
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class DeadlineExceeded(ServiceError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    """Abort the RPC with the error's status and message (raises, as context.abort does)."""
+    await context.abort(error.status, error.message)
+
+
+def handle_errors(method):
+    """Decorate a unary grpc.aio handler: ServiceError -> its status; anything else -> INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServiceError as e:
+            await abort_with(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("handler_failed", method=method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper
+
+
+def handle_stream_errors(method):
+    """Decorate a streaming (async generator) grpc.aio handler with the same mapping."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except ServiceError as e:
+            await abort_with(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("handler_failed", method=method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper

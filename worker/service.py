@@ -1,0 +1,147 @@
+"""The asyncio side of the engine: submit validated jobs, stream their events, abort on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from protos.llamagrid.v1 import inference_pb2 as pb
+from worker import chat_template
+from worker.engine import Engine, EngineRequest, ErrorEvent, Event, FinishEvent, TokenEvent
+from worker.errors import DuplicateRequest, EngineUnavailable, InvalidRequest, ModelNotFound
+from worker.sequence import SamplingParams
+from worker.tokenizer import Tokenizer
+from worker.validation import Limits, check_parameters, check_prompt_length, check_text, resolve_parameters
+
+log = structlog.get_logger("worker.service")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    deadline: float | None = None  # time.monotonic()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class InferenceService:
+    """Everything both gRPC contracts need, in one place: prompt building, checks and streaming."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: Limits, model_name: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.model_name = model_name
+        self.is_accepting = False
+        self._in_flight: set[str] = set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # --- building jobs ------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(f"model {model!r} is not served here; this worker serves {self.model_name!r}")
+
+    def text_prompt(self, text: str, field: str) -> list[int]:
+        check_text(text, self.limits, field)
+        ids = self.tokenizer.encode_prompt(text)
+        check_prompt_length(len(ids), self.limits, field)
+        return ids
+
+    def chat_prompt(self, messages: Sequence[pb.ChatMessage], field: str,
+                    history_token_ids: Sequence[int] = ()) -> list[int]:
+        ids = self.chat_ids(messages, field, history_token_ids)
+        check_prompt_length(len(ids), self.limits, field)
+        return ids
+
+    def chat_ids(self, messages: Sequence[pb.ChatMessage], field: str,
+                 history_token_ids: Sequence[int] = ()) -> list[int]:
+        """Prompt ids of a conversation (or of a session's next turn after history_token_ids)."""
+        msgs = [chat_template.ChatMessage(m.role, m.content) for m in messages]
+        try:
+            chat_template.validate_messages(
+                msgs, max_message_chars=self.limits.max_message_chars, is_continuation=bool(history_token_ids)
+            )
+        except chat_template.ChatTemplateError as e:
+            raise InvalidRequest(f"{field}.{e.field}", e.message) from None
+        if history_token_ids:
+            ids = list(history_token_ids) + self.tokenizer.encode_next_turn(msgs)
+        else:
+            ids = self.tokenizer.encode_dialog(msgs)
+        return ids
+
+    def token_prompt(self, token_ids: Sequence[int], field: str) -> list[int]:
+        vocab = self.tokenizer.decoder.vocab_size
+        for i, t in enumerate(token_ids):
+            if t >= vocab:
+                raise InvalidRequest(f"{field}[{i}]", f"token id {t} is outside the vocabulary of {vocab}")
+        check_prompt_length(len(token_ids), self.limits, field)
+        return list(token_ids)
+
+    def job(self, prompt_ids: list[int], params: pb.SamplingParameters, *, request_id: str | None = None,
+            deadline: float | None = None, params_field: str = "parameters") -> Job:
+        check_parameters(params, self.limits, params_field)
+        sampling = resolve_parameters(params, len(prompt_ids), self.limits, self.tokenizer.defaults)
+        return Job(request_id or new_request_id(), prompt_ids, sampling, deadline)
+
+    # --- running jobs --------------------------------------------------------------------------
+    async def stream(self, job: Job, index: int = 0,
+                     out: asyncio.Queue | None = None) -> AsyncIterator[Event]:
+        """Run one job; yield its events until the Finish (or Error) event. Aborts the job if the
+        consumer stops early (client cancelled, stream broken)."""
+        if not self.is_accepting:
+            raise EngineUnavailable("the worker is not serving (warming up or draining)")
+        if job.request_id in self._in_flight:
+            raise DuplicateRequest(f"request id {job.request_id!r} is already in flight")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(events: list[Event]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, events)
+
+        self._in_flight.add(job.request_id)
+        started = time.monotonic()
+        first_token_at = None
+        done = False
+        self.engine.submit(EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline))
+        try:
+            while not done:
+                for event in await queue.get():
+                    if isinstance(event, TokenEvent) and first_token_at is None:
+                        first_token_at = time.monotonic()
+                    if isinstance(event, FinishEvent | ErrorEvent):
+                        done = True
+                        self._log_end(job, event, started, first_token_at)
+                    yield event
+        finally:
+            self._in_flight.discard(job.request_id)
+            if not done:
+                self.engine.abort(job.request_id)
+                log.info("request_aborted", request_id=job.request_id)
+
+    @staticmethod
+    def _log_end(job: Job, event: Event, started: float, first_token_at: float | None) -> None:
+        now = time.monotonic()
+        if isinstance(event, FinishEvent):
+            log.info(
+                "request_finished",
+                request_id=job.request_id,
+                prompt_tokens=event.num_prompt_tokens,
+                completion_tokens=event.num_output_tokens,
+                finish_reason=event.finish_reason.name,
+                ttft_ms=round((first_token_at - started) * 1e3, 2) if first_token_at else None,
+                duration_ms=round((now - started) * 1e3, 2),
+            )
+        else:
+            log.warning("request_failed", request_id=job.request_id, status=event.error.status.name)

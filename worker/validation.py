@@ -1,0 +1,94 @@
+"""Request checks: wire parameters -> SamplingParams, or InvalidRequest naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protos.llamagrid.v1 import inference_pb2 as pb
+from worker.errors import InvalidRequest
+from worker.sequence import SamplingParams
+from worker.tokenizer import GenerationDefaults
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_context: int  # tokens a sequence may hold (prompt + generated)
+    default_max_new_tokens: int
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_message_chars: int = 100_000
+    max_num_inputs: int = 64
+
+
+def _finite(value: float, field: str) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(field, "must be a finite number")
+    return value
+
+
+def check_parameters(p: pb.SamplingParameters, limits: Limits, prefix: str = "parameters") -> None:
+    """Check every parameter that does not depend on the prompt length."""
+    if p.HasField("max_new_tokens"):
+        if p.max_new_tokens == 0:
+            raise InvalidRequest(f"{prefix}.max_new_tokens", "must be at least 1")
+        if p.max_new_tokens > limits.max_context:
+            raise InvalidRequest(
+                f"{prefix}.max_new_tokens",
+                f"{p.max_new_tokens} is above the model's context of {limits.max_context} tokens",
+            )
+    if p.HasField("temperature") and _finite(p.temperature, f"{prefix}.temperature") < 0:
+        raise InvalidRequest(f"{prefix}.temperature", "must be >= 0 (0 means greedy)")
+    if p.HasField("top_p"):
+        top_p = _finite(p.top_p, f"{prefix}.top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidRequest(f"{prefix}.top_p", "must be in (0, 1]")
+    if p.HasField("repetition_penalty") and _finite(p.repetition_penalty, f"{prefix}.repetition_penalty") <= 0:
+        raise InvalidRequest(f"{prefix}.repetition_penalty", "must be > 0 (1 disables it)")
+    if p.HasField("seed") and p.seed > MAX_SEED:
+        raise InvalidRequest(f"{prefix}.seed", f"must be at most {MAX_SEED}")
+    if len(p.stop) > limits.max_stop_strings:
+        raise InvalidRequest(f"{prefix}.stop", f"at most {limits.max_stop_strings} stop strings, got {len(p.stop)}")
+    for i, s in enumerate(p.stop):
+        if not s:
+            raise InvalidRequest(f"{prefix}.stop[{i}]", "must not be empty")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidRequest(f"{prefix}.stop[{i}]", f"longer than {limits.max_stop_chars} characters")
+
+
+def check_prompt_length(num_prompt_tokens: int, limits: Limits, field: str) -> None:
+    if num_prompt_tokens == 0:
+        raise InvalidRequest(field, "must not be empty")
+    if num_prompt_tokens >= limits.max_context:
+        raise InvalidRequest(
+            field,
+            f"prompt has {num_prompt_tokens} tokens; the model's context is {limits.max_context} tokens "
+            "and at least one must be left to generate",
+        )
+
+
+def resolve_parameters(
+    p: pb.SamplingParameters, num_prompt_tokens: int, limits: Limits, defaults: GenerationDefaults
+) -> SamplingParams:
+    """Apply defaults and clamp max_new_tokens to what fits after the prompt (then LENGTH ends it)."""
+    room = limits.max_context - num_prompt_tokens
+    wanted = p.max_new_tokens if p.HasField("max_new_tokens") else limits.default_max_new_tokens
+    return SamplingParams(
+        max_new_tokens=max(1, min(wanted, room)),
+        temperature=p.temperature if p.HasField("temperature") else defaults.temperature,
+        top_p=p.top_p if p.HasField("top_p") else defaults.top_p,
+        top_k=p.top_k if p.HasField("top_k") else defaults.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else defaults.repetition_penalty,
+        ignore_eos=p.ignore_eos,
+    )
+
+
+def check_text(text: str, limits: Limits, field: str) -> None:
+    if not text:
+        raise InvalidRequest(field, "must not be empty")
+    if len(text) > limits.max_message_chars:
+        raise InvalidRequest(field, f"longer than {limits.max_message_chars} characters")
