@@ -29,6 +29,7 @@ class FinishEvent:
     finish_reason: FinishReason
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
 
@@ -202,6 +203,7 @@ class Engine:
                 finish_reason=seq.finish_reason or FinishReason.CANCELLED,
                 num_prompt_tokens=seq.num_prompt_tokens,
                 num_output_tokens=seq.num_output_tokens,
+                num_cached_tokens=seq.num_cached_tokens,
                 prompt_token_ids=list(seq.prompt_token_ids),
                 output_token_ids=seq.output_token_ids,
             )

@@ -31,7 +31,8 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 def _usage(event: FinishEvent) -> pb.Usage:
-    return pb.Usage(prompt_tokens=event.num_prompt_tokens, completion_tokens=event.num_output_tokens)
+    return pb.Usage(prompt_tokens=event.num_prompt_tokens, completion_tokens=event.num_output_tokens,
+                    cached_prompt_tokens=event.num_cached_tokens)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
