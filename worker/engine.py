@@ -52,6 +52,7 @@ class EngineRequest:
     params: SamplingParams
     sink: Sink  # called from the engine thread with each step's events for this request
     deadline: float | None = None  # time.monotonic() value
+    is_chat_reply: bool = False  # drop the SentencePiece space before the reply's first word
 
 
 @dataclass(slots=True)
@@ -174,7 +175,7 @@ class Engine:
             request.sink([ErrorEvent(ServiceError(f"request id {request.request_id!r} already in flight"))])
             return
         seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params, self.eos_token_ids)
-        stream = self.decoder.stream(request.params.stop)
+        stream = self.decoder.stream(request.params.stop, skip_leading_space=request.is_chat_reply)
         self._active[request.request_id] = _Active(seq, stream, request.sink, request.deadline)
         self.scheduler.add(seq)
 

@@ -31,8 +31,9 @@ def sample(
     if penalized:
         logits = logits.clone()
         rows = torch.tensor(penalized, device=logits.device)
+        histories = [token_histories[i] for i in penalized]
         logits[rows] = apply_repetition_penalty(
-            logits[rows], [token_histories[i] for i in penalized], [params[i].repetition_penalty for i in penalized]
+            logits[rows], histories, [params[i].repetition_penalty for i in penalized]
         )
     token_ids = logits.argmax(dim=-1)
     sampling = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -51,10 +52,9 @@ def apply_repetition_penalty(
     positive logits are divided by the penalty, negative ones multiplied. Returns new logits [N, V]."""
     num_rows, vocab_size = logits.shape
     width = max(1, max(len(h) for h in token_histories))
-    ids = torch.full((num_rows, width), vocab_size, dtype=torch.long)  # pad with the dropped extra column
-    for row, history in enumerate(token_histories):
-        ids[row, : len(history)] = torch.as_tensor(history, dtype=torch.long)
-    ids = ids.to(logits.device).clamp_(max=vocab_size)
+    # ids past the vocabulary and the padding go to one extra column, dropped at the end
+    rows = [[*h, *[vocab_size] * (width - len(h))] for h in token_histories]
+    ids = torch.tensor(rows, dtype=torch.long).to(logits.device).clamp_(max=vocab_size)
     penalty = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
     padded = torch.nn.functional.pad(logits, (0, 1))
     seen = padded.gather(1, ids)
@@ -67,25 +67,26 @@ def apply_top_k(logits: torch.Tensor, k: int | Sequence[int]) -> torch.Tensor:
     k is one value or one per row; k <= 0 leaves the row alone."""
     num_rows, vocab_size = logits.shape
     ks = [k] * num_rows if isinstance(k, int) else list(k)
-    kept = torch.tensor([vocab_size if x <= 0 else min(x, vocab_size) for x in ks], device=logits.device)
-    ordered = logits.sort(dim=-1, descending=True).values
-    kth = ordered.gather(1, (kept - 1)[:, None])
+    kept = [min(x, vocab_size) if x > 0 else 0 for x in ks]
+    top = logits.topk(max(1, max(kept)), dim=-1).values
+    kth = top.gather(1, torch.tensor([max(1, x) - 1 for x in kept], device=logits.device)[:, None])
+    kth = kth.masked_fill(torch.tensor([x == 0 for x in kept], device=logits.device)[:, None], -float("inf"))
     return logits.masked_fill(logits < kth, -float("inf"))
 
 
 def apply_top_p(logits: torch.Tensor, p: float | Sequence[float]) -> torch.Tensor:
     """Keep each row's smallest set of most probable tokens whose probability adds up to at least p (at
-    least one token), as transformers' TopPLogitsWarper. p is one value or one per row; p >= 1 is off."""
-    num_rows = logits.shape[0]
+    least one token), as transformers' TopPLogitsWarper; a tie at the cutoff keeps all the tied tokens.
+    p is one value or one per row; p >= 1 leaves the row alone."""
+    num_rows, vocab_size = logits.shape
     ps = [p] * num_rows if isinstance(p, int | float) else list(p)
     # NOTE: 1 - p in double, then rounded to fp32, as transformers compares against the Python float.
-    cutoff = torch.tensor([1.0 - x if x < 1.0 else -1.0 for x in ps], dtype=logits.dtype, device=logits.device)
-    ordered, order = logits.sort(dim=-1, descending=False)
+    cutoffs = [1.0 - x if x < 1.0 else -1.0 for x in ps]
+    cutoff = torch.tensor(cutoffs, dtype=logits.dtype, device=logits.device)
+    ordered = logits.sort(dim=-1).values
     cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= cutoff[:, None]
-    remove[:, -1] = False
-    remove = remove.scatter(1, order, remove)
-    return logits.masked_fill(remove, -float("inf"))
+    num_removed = (cumulative <= cutoff[:, None]).sum(dim=-1, keepdim=True).clamp_(max=vocab_size - 1)
+    return logits.masked_fill(logits < ordered.gather(1, num_removed), -float("inf"))
 
 
 def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]):

@@ -148,7 +148,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         svc.check_model(item.turn.model)
                     prompt = svc.chat_prompt(item.turn.messages, f"{field}.messages", history)
                     job = svc.job(prompt, item.turn.parameters, request_id=f"{base}/{num_turns}",
-                                  deadline=_deadline(context), params_field=f"{field}.parameters")
+                                  deadline=_deadline(context), params_field=f"{field}.parameters",
+                                  is_chat_reply=True)
                     num_turns += 1
                     turn_id = job.request_id
                     turn = asyncio.create_task(pump(job))
@@ -220,7 +221,7 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
             wall = time.monotonic() + (job.deadline_unix_ms / 1000.0 - time.time())
             deadline = wall if deadline is None else min(deadline, wall)
         return svc.job(prompt, job.parameters, request_id=job.request_id, deadline=deadline,
-                       params_field="job.parameters")
+                       params_field="job.parameters", is_chat_reply=which == "chat")
 
     @handle_stream_errors
     async def Generate(self, request_iterator, context) -> AsyncIterator[wpb.WorkerEvent]:

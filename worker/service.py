@@ -27,6 +27,7 @@ class Job:
     prompt_token_ids: list[int]
     params: SamplingParams
     deadline: float | None = None  # time.monotonic()
+    is_chat_reply: bool = False
 
 
 def new_request_id() -> str:
@@ -74,7 +75,7 @@ class InferenceService:
                 msgs, max_message_chars=self.limits.max_message_chars, is_continuation=bool(history_token_ids)
             )
         except chat_template.ChatTemplateError as e:
-            raise InvalidRequest(f"{field}.{e.field}", e.message) from None
+            raise InvalidRequest(f"{field.removesuffix('.messages')}.{e.field}", e.message) from None
         if history_token_ids:
             ids = list(history_token_ids) + self.tokenizer.encode_next_turn(msgs)
         else:
@@ -90,10 +91,10 @@ class InferenceService:
         return list(token_ids)
 
     def job(self, prompt_ids: list[int], params: pb.SamplingParameters, *, request_id: str | None = None,
-            deadline: float | None = None, params_field: str = "parameters") -> Job:
+            deadline: float | None = None, params_field: str = "parameters", is_chat_reply: bool = False) -> Job:
         check_parameters(params, self.limits, params_field)
         sampling = resolve_parameters(params, len(prompt_ids), self.limits, self.tokenizer.defaults)
-        return Job(request_id or new_request_id(), prompt_ids, sampling, deadline)
+        return Job(request_id or new_request_id(), prompt_ids, sampling, deadline, is_chat_reply)
 
     # --- running jobs --------------------------------------------------------------------------
     async def stream(self, job: Job, index: int = 0,
@@ -114,7 +115,9 @@ class InferenceService:
         started = time.monotonic()
         first_token_at = None
         done = False
-        self.engine.submit(EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline))
+        self.engine.submit(
+            EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline, job.is_chat_reply)
+        )
         try:
             while not done:
                 for event in await queue.get():

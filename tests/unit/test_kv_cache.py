@@ -1,0 +1,181 @@
+"""BlockManager: allocation, ref counts, prefix-cache hits, caps, LRU eviction, reset."""
+
+from __future__ import annotations
+
+from worker.kv_cache import NO_PREFIX, BlockManager, hash_block
+from worker.sequence import SamplingParams, Sequence
+
+BS = 4
+
+
+def seq_of(tokens: list[int], request_id: str = "s") -> Sequence:
+    return Sequence(request_id, list(tokens), SamplingParams())
+
+
+def admit(bm: BlockManager, seq: Sequence, num_new_tokens: int | None = None) -> None:
+    """Admit seq with its cached prefix and compute num_new_tokens (default: the rest of it)."""
+    prefix = bm.get_computed_prefix(seq)
+    n = seq.num_tokens - prefix.num_tokens if num_new_tokens is None else num_new_tokens
+    assert bm.can_allocate(seq, n, prefix)
+    bm.allocate(seq, n, prefix)
+    seq.num_computed_tokens += n
+    bm.register_full_blocks(seq)
+
+
+def compute(bm: BlockManager, seq: Sequence, n: int) -> None:
+    assert bm.can_allocate(seq, n)
+    bm.allocate(seq, n)
+    seq.num_computed_tokens += n
+    bm.register_full_blocks(seq)
+
+
+def test_allocate_and_free_return_every_block():
+    bm = BlockManager(8, BS)
+    seq = seq_of(range(10))
+    admit(bm, seq)
+    assert len(seq.block_table) == 3 and bm.num_used_blocks == 3
+    bm.check_invariants([seq])
+    bm.free(seq)
+    bm.free(seq)  # idempotent
+    assert seq.block_table == [] and bm.num_free_blocks == 8
+    bm.check_invariants([])
+
+
+def test_out_of_blocks_is_false_and_changes_nothing():
+    bm = BlockManager(2, BS, enable_prefix_caching=False)
+    seq = seq_of(range(12))
+    assert not bm.can_allocate(seq, 12)
+    assert bm.can_allocate(seq, 8)
+    assert seq.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_blocks_grow_chunk_by_chunk_and_only_when_needed():
+    bm = BlockManager(8, BS)
+    seq = seq_of(range(11))
+    admit(bm, seq, 3)
+    assert len(seq.block_table) == 1
+    compute(bm, seq, 1)
+    assert len(seq.block_table) == 1
+    compute(bm, seq, 7)
+    assert len(seq.block_table) == 3 and seq.num_computed_tokens == 11
+    seq.append_token(99)
+    assert bm.can_allocate(seq, 1)
+    compute(bm, seq, 1)  # the 12th token still fits the third block
+    assert len(seq.block_table) == 3
+    bm.check_invariants([seq])
+
+
+def test_same_prefix_shares_full_blocks():
+    bm = BlockManager(16, BS)
+    a = seq_of([5, 6, 7, 8, 9, 10, 11, 12, 13, 14], "a")
+    admit(bm, a)
+    assert bm.num_cached_blocks == 2  # the partial third block is not registered
+    b = seq_of([5, 6, 7, 8, 9, 10, 11, 12, 40, 41], "b")
+    prefix = bm.get_computed_prefix(b)
+    assert prefix.block_ids == tuple(a.block_table[:2]) and prefix.num_tokens == 8
+    admit(bm, b)
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert b.num_cached_tokens == 8 and b.num_computed_tokens == 10
+    assert [bm.blocks[i].ref_count for i in b.block_table] == [2, 2, 1]
+    assert bm.num_used_blocks == 4
+    bm.check_invariants([a, b])
+    bm.free(a)
+    bm.check_invariants([b])
+    bm.free(b)
+    bm.check_invariants([])
+
+
+def test_a_hit_never_covers_the_last_token():
+    bm = BlockManager(16, BS)
+    a = seq_of(range(8), "a")
+    admit(bm, a)
+    assert bm.num_cached_blocks == 2
+    same = seq_of(range(8), "same")
+    assert bm.get_computed_prefix(same).num_tokens == 4  # (8 - 1) // 4 blocks
+    longer = seq_of(range(9), "longer")
+    assert bm.get_computed_prefix(longer).num_tokens == 8
+
+
+def test_hash_chain_depends_on_everything_before_the_block():
+    bm = BlockManager(16, BS)
+    admit(bm, seq_of([1, 2, 3, 4, 5, 6, 7, 8, 0], "a"))
+    moved = seq_of([9, 9, 9, 9, 5, 6, 7, 8, 0], "b")  # same second block after a different first one
+    assert bm.get_computed_prefix(moved) == NO_PREFIX
+    assert hash_block(None, [5, 6, 7, 8]) != hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_freed_blocks_stay_cached_until_needed_and_are_revived():
+    bm = BlockManager(4, BS)
+    a = seq_of(range(10), "a")
+    admit(bm, a)
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 2  # two cached, two plain free
+    b = seq_of([*range(8), 50, 51, 52, 53, 54], "b")
+    prefix = bm.get_computed_prefix(b)
+    assert prefix.num_tokens == 8
+    assert bm.can_allocate(b, 5, prefix)  # 2 revived + 2 new == 4
+    assert not bm.can_allocate(b, 9, prefix)
+    admit(bm, b)
+    assert bm.num_free_blocks == 0 and b.num_cached_tokens == 8
+    bm.check_invariants([b])
+
+
+def test_eviction_under_pressure_is_lru_with_the_tail_first():
+    bm = BlockManager(6, BS)
+    old = seq_of(range(100, 109), "old")  # 2 full blocks cached
+    new = seq_of(range(200, 209), "new")
+    admit(bm, old)
+    admit(bm, new)
+    bm.free(old)
+    bm.free(new)
+    assert bm.num_cached_blocks == 4 and bm.num_free_blocks == 6
+    big = seq_of(range(300, 311), "big")  # 3 blocks: 2 plain free blocks, then evicts old's tail block
+    admit(bm, big)
+    assert bm.num_cached_blocks == 3 + 2  # old's head, new's two, and big's own two full blocks
+    assert bm.get_computed_prefix(seq_of(range(100, 109))).num_tokens == 4
+    assert bm.get_computed_prefix(seq_of(range(200, 209))).num_tokens == 8
+    bm.check_invariants([big])
+
+
+def test_an_equal_block_computed_twice_is_cached_once():
+    bm = BlockManager(8, BS)
+    a, b = seq_of(range(6), "a"), seq_of(range(6), "b")
+    admit(bm, a, 0)
+    admit(bm, b, 0)  # both admitted before either computed: no hit
+    compute(bm, a, 6)
+    compute(bm, b, 6)
+    assert bm.num_cached_blocks == 1 and a.block_table[0] != b.block_table[0]
+    bm.free(b)
+    bm.free(a)
+    assert bm.num_cached_blocks == 1 and bm.num_free_blocks == 8
+    bm.check_invariants([])
+
+
+def test_prefix_caching_off_never_hits_nor_keeps():
+    bm = BlockManager(8, BS, enable_prefix_caching=False)
+    a = seq_of(range(10), "a")
+    admit(bm, a)
+    assert bm.num_cached_blocks == 0
+    assert bm.get_computed_prefix(seq_of(range(10), "b")) == NO_PREFIX
+    bm.free(a)
+    bm.check_invariants([])
+
+
+def test_reset_prefix_cache_forgets_free_and_used_blocks():
+    bm = BlockManager(8, BS)
+    a, b = seq_of(range(9), "a"), seq_of(range(50, 59), "b")
+    admit(bm, a)
+    admit(bm, b)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 5
+    assert bm.get_computed_prefix(seq_of(range(9))) == NO_PREFIX
+    bm.check_invariants([b])
+    b.append_token(7)
+    b.append_token(8)
+    b.append_token(9)
+    compute(bm, b, 3)  # keeps registering later blocks after the reset
+    assert bm.num_cached_blocks == 1
+    bm.free(b)
+    bm.check_invariants([])
+    assert bm.num_free_blocks == 8
