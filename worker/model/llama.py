@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from worker.model.attention import AttentionPlan, paged_attention, plan_attention
 from worker.model.context import AttentionContext
@@ -32,7 +33,7 @@ def head_dim_of(config: LlamaConfig) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in transformers' operation order; with a residual, adds it first (in place) and returns both."""
+    """RMSNorm in transformers' operation order; given a residual, adds x to it in place first, returns both."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -50,25 +51,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of each position, from transformers' own rope init functions (theta, linear, llama3, yarn...)."""
+    """cos/sin of positions, from transformers' own rope init functions (rope_theta, linear, llama3, yarn...)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        params = getattr(config, "rope_parameters", None) or {}
-        rope_type = params.get("rope_type", "default")
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type in _UNSUPPORTED_ROPE:
             raise ValueError(f"rope_type {rope_type!r} ({_UNSUPPORTED_ROPE[rope_type]}) is not supported: its "
-                             "frequencies depend on the batch's longest sequence, which a paged cache cannot match")
-        with torch.device("cpu"):  # never meta: this is computed, not loaded
-            if rope_type == "default":
-                base, dim = params.get("rope_theta", 10000.0), head_dim_of(config)
-                inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-                scaling = 1.0
-            else:
-                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+                             "frequencies depend on the batch's longest sequence, which paged batching cannot match")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unknown rope_type {rope_type!r}")
+        init = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else \
+            ROPE_INIT_FUNCTIONS[rope_type]
+        with torch.device("cpu"):  # even while the model is built on the meta device: computed, never loaded
+            inv_freq, scaling = init(config)
         if 2 * inv_freq.numel() != head_dim_of(config):
             raise ValueError("partial rotary embeddings are not supported by Llama")
-        self.inv_freq = inv_freq.float()  # plain attribute, not a buffer: survives Module.to_empty()
+        self.inv_freq = inv_freq.float()  # [D/2]; a plain attribute, moved to the positions' device when used
         self.scaling = scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +181,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.tp = tp or TPInfo()
         self.model = LlamaModel(config, self.tp)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else ParallelLMHead(config.vocab_size, config.hidden_size,
-                                                                            self.tp)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tied else ParallelLMHead(config.vocab_size, config.hidden_size, self.tp)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
@@ -205,18 +203,14 @@ class LlamaForCausalLM(nn.Module):
         pending = {name: set(getattr(p, "shard_ids", (None,))) for name, p in params.items()}
         unexpected = []
         for hf_name, loaded in weights:
-            if hf_name.endswith("rotary_emb.inv_freq") or (self.tie_word_embeddings and hf_name == "lm_head.weight"):
+            if hf_name.endswith("rotary_emb.inv_freq") or (self.tied and hf_name == "lm_head.weight"):
                 continue
             name, shard_id = self._param_name(hf_name)
             param = params.get(name)
             if param is None:
                 unexpected.append(hf_name)
                 continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, loaded)
-            else:
-                loader(param, loaded, shard_id)
+            getattr(param, "weight_loader", default_weight_loader)(param, loaded, shard_id)
             pending[name].discard(shard_id)
         if unexpected:
             raise ValueError(f"checkpoint has weights this Llama does not: {sorted(unexpected)[:8]}")

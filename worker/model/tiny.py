@@ -33,7 +33,7 @@ CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
 LOGIT_STD = 4.0  # typical logit spread: greedy argmaxes are robust, sampling at temperature ~1 still varies
-RESIDUAL_GAIN = 3.0  # attention and MLP outputs outweigh the embedding in the residual stream (see below)
+RESIDUAL_GAIN = 3.0  # layer outputs outweigh the (small) embedding in the residual: less self-repetition
 QK_GAIN = 1.5  # q and k entries have std ~1.5, so attention scores have std ~2 (peaked but not one-hot)
 ROW_SCALE_NEVER = 0.1  # lm_head rows of <unk> and <s>: never the argmax, as in a trained chat model
 ROW_SCALE_BYTES = 0.85  # rows of byte tokens: argmax now and then (multi-byte text), not a third of the time
@@ -134,8 +134,9 @@ def build_tokenizer(target_size: int = 1024, vocab_size: int | None = None) -> t
 def random_weights(config: LlamaConfig, seed: int, num_real_tokens: int) -> dict[str, torch.Tensor]:
     """Float32 weights named as in HF's LlamaForCausalLM, drawn in a fixed order from torch.Generator(seed).
 
-    Every projection maps unit-RMS inputs to unit-RMS outputs (std 1/sqrt(fan_in)), so activations neither
-    vanish nor blow up over layers; norm weights are drawn near 1 so an unloaded norm shows up in tests."""
+    Projections have std gain/sqrt(fan_in), so activations stay O(1) over layers and positions; token rows
+    have std LOGIT_STD/sqrt(hidden), so logits have std ~LOGIT_STD. Norm weights are drawn from [0.8, 1.2]
+    so that a norm weight the engine forgets to load shows up as a mismatch."""
     g = torch.Generator().manual_seed(seed)
     h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
     hd = config.head_dim

@@ -1,0 +1,87 @@
+"""Engine behaviour end to end on the tiny model: leaks, cancellation, stop strings, streaming text."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.engine_utils import make_worker, run_all, submit
+from worker.sequence import FinishReason, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    w = make_worker(tiny_model_dir, kv_cache_tokens=1024, block_size=16, max_num_batched_tokens=128,
+                    max_num_seqs=16)
+    yield w
+    w.engine.stop()
+
+
+def wait_idle(worker, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = worker.engine.scheduler
+        if not s.has_unfinished and worker.engine.load.num_running == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("engine did not go idle")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_load_with_cancels_leaks_no_blocks(worker, seed):
+    """Many random requests, some cancelled mid-stream: afterwards every block is free again."""
+    rng = random.Random(seed)
+    results, cancelled = [], set()
+    for i in range(40):
+        n = rng.randint(1, 200)
+        prompt = [1] + [rng.randrange(3, 1000) for _ in range(n - 1)]
+        params = SamplingParams(max_new_tokens=rng.randint(1, 60), temperature=rng.choice([0.0, 0.8]),
+                                seed=rng.randrange(1000), ignore_eos=rng.random() < 0.5,
+                                stop=tuple(rng.sample(["a", "e", "th", "ing"], rng.randint(0, 2))))
+        results.append(submit(worker, f"leak{seed}-{i}", prompt, params))
+        if rng.random() < 0.3:
+            time.sleep(rng.random() * 0.05)
+            worker.engine.abort(f"leak{seed}-{i}")
+            cancelled.add(i)
+    for r in results:
+        assert r.done.wait(120) and r.error is None
+    wait_idle(worker)
+    bm = worker.engine.scheduler.block_manager
+    bm.check_invariants([])
+    assert bm.num_free_blocks == bm.num_blocks
+    reasons = {r.finish_reason for i, r in enumerate(results) if i in cancelled}
+    assert FinishReason.CANCELLED in reasons or not cancelled
+
+
+def test_stop_string_split_across_tokens_is_caught(worker):
+    prompt = [1, 450, 871, 300, 77, 812]
+    base = run_all(worker, [prompt], SamplingParams(max_new_tokens=40, ignore_eos=True), prefix="stop-base")[0]
+    decoder = worker.tokenizer.decoder
+    pieces = [decoder.stream().push(t) for t in base.token_ids]
+    # a stop string made of the end of one token's text and the start of the next one's
+    k = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 1)
+    stop = pieces[k][-2:] + pieces[k + 1][:1]
+    cut = base.text.find(stop)
+    got = run_all(worker, [prompt], SamplingParams(max_new_tokens=40, ignore_eos=True, stop=(stop,)),
+                  prefix="stop-run")[0]
+    assert got.finish_reason == FinishReason.STOP
+    assert got.text == base.text[:cut]
+    assert stop not in got.text
+
+
+def test_deltas_concatenate_to_text_with_multibyte_output(worker):
+    """Byte-fallback tokens (multi-byte UTF-8) stream as whole characters; deltas add up to the text."""
+    hf = worker.tokenizer.hf
+    prompt = hf("Ελληνικά 中文 🙂 café", add_special_tokens=True)["input_ids"]
+    results = run_all(worker, [prompt] * 4, [SamplingParams(max_new_tokens=48, temperature=1.2, seed=s,
+                                                            ignore_eos=True) for s in range(4)],
+                      prefix="mb")
+    for r in results:
+        assert "".join(r.deltas) == r.text
+        for d in r.deltas:
+            d.encode("utf-8")  # every delta is valid UTF-8 on its own
+        full = hf.decode(prompt + r.token_ids, skip_special_tokens=True)
+        head = hf.decode(prompt, skip_special_tokens=True)
+        assert full.startswith(head) and full[len(head):] == r.text
