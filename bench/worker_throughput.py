@@ -72,6 +72,10 @@ def hf_model(model_dir: Path):
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
+    # EOS ignored the way the worker's ignore_eos does it: it may be generated, it just doesn't stop the
+    # sequence (min_new_tokens would instead ban it and change the tokens)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model
 
 
@@ -89,7 +93,7 @@ def hf_generate_batches(model, work: list[BenchRequest], batch_size: int = 16) -
             ids[i, width - n:] = torch.tensor(r.prompt_token_ids)
             mask[i, width - n:] = 1
         new = max(r.max_new_tokens for r in chunk)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                              do_sample=False, pad_token_id=0)
         outputs.extend(out[i, width:width + r.max_new_tokens].tolist() for i, r in enumerate(chunk))
     return time.perf_counter() - t0, outputs
@@ -101,7 +105,7 @@ def hf_generate_batch1_tpot(model, prompt: list[int], n: int) -> float:
 
     def elapsed(k: int) -> float:
         t = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
                        do_sample=False, pad_token_id=0)
         return time.perf_counter() - t
 

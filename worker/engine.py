@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from worker.detokenizer import TextStream, TokenDecoder
-from worker.errors import ServiceError
+from worker.errors import EngineUnavailable, ServiceError
 from worker.scheduler import Scheduler
 from worker.sequence import FinishReason, SamplingParams, Sequence
 
@@ -134,7 +134,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the loop must survive; requests in flight are failed
                 log.exception("engine_step_failed", num_active=len(self._active))
                 self._fail_all(ServiceError("internal error in the engine step"))
-        self._fail_all(ServiceError("engine stopped"))
+        self._fail_all(EngineUnavailable("the engine stopped; retry on another replica"))
 
     def step(self) -> None:
         """Run one scheduled batch through the model and deliver the resulting events."""

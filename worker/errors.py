@@ -53,6 +53,14 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> 
     await context.abort(error.status, error.message)
 
 
+async def _abort_for(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    """Abort with the status that `error` maps to; unexpected errors are logged once and become INTERNAL."""
+    if isinstance(error, ServiceError):
+        await abort_with(context, error)
+    log.exception("handler_failed", method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 def handle_errors(method):
     """Decorate a unary grpc.aio handler: ServiceError -> its status; anything else -> INTERNAL."""
 
@@ -60,13 +68,10 @@ def handle_errors(method):
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except ServiceError as e:
-            await abort_with(context, e)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("handler_failed", method=method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as e:
+            await _abort_for(context, e, method.__name__)
 
     return wrapper
 
@@ -79,12 +84,9 @@ def handle_stream_errors(method):
         try:
             async for item in method(self, request, context):
                 yield item
-        except ServiceError as e:
-            await abort_with(context, e)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("handler_failed", method=method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as e:
+            await _abort_for(context, e, method.__name__)
 
     return wrapper

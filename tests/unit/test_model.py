@@ -1,4 +1,4 @@
-"""Our paged Llama against transformers in fp32: prefill, paged decode, mixed batches, loader and TP slicing."""
+"""Our paged Llama against transformers in fp32: prefill, paged decode, mixed batches, loader, TP slices."""
 
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def test_tensor_parallel_rank_loads_its_slice(tmp_path):
                               ref.self_attn.v_proj.weight[kv:]])
     assert torch.equal(attn.qkv_proj.weight, expected_qkv)
     assert torch.equal(attn.o_proj.weight, ref.self_attn.o_proj.weight[:, q:])
-    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([ref.mlp.gate_proj.weight[88:], ref.mlp.up_proj.weight[88:]]))
+    gate_up = torch.cat([ref.mlp.gate_proj.weight[88:], ref.mlp.up_proj.weight[88:]])
+    assert torch.equal(mlp.gate_up_proj.weight, gate_up)
     assert torch.equal(mlp.down_proj.weight, ref.mlp.down_proj.weight[:, 88:])
     assert torch.equal(model.model.embed_tokens.weight, hf.model.embed_tokens.weight[500:])
 
@@ -200,3 +201,32 @@ def test_config_json_is_what_we_read(tmp_path):
     path, _ = make_checkpoint(tmp_path / "ckpt", seed=7, num_hidden_layers=1)
     assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 1
     assert len(load_model(path).model.layers) == 1
+
+
+def _tp_rank(rank: int, size: int, init_file: str, model_dir: str, tokens: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        model = load_model(model_dir, tp=TPInfo(rank, size))
+        c = model.config
+        shape = (4, 16, c.num_key_value_heads // size, c.hidden_size // c.num_attention_heads)
+        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        prefill = run_step(model, caches, [(tokens[:-1], 0, [2, 0, 3])], 16)
+        decode = run_step(model, caches, [(tokens[-1:], len(tokens) - 1, [2, 0, 3])], 16)
+        if rank == 0:
+            torch.save(torch.cat([prefill, decode]), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_over_gloo_matches_transformers(tmp_path):
+    """Two CPU ranks (gloo): sharded heads, MLP and vocabulary give transformers' logits."""
+    path = make_tiny_model(tmp_path / "ckpt", seed=8, num_kv_heads=2)
+    tokens = random.Random(4).choices(range(VOCAB), k=30)
+    out = tmp_path / "logits.pt"
+    args = (2, str(tmp_path / "rdzv"), str(path), tokens, str(out))
+    torch.multiprocessing.spawn(_tp_rank, args=args, nprocs=2)
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert_close(torch.load(out), hf_logits(hf, tokens))

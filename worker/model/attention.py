@@ -1,4 +1,4 @@
-"""Paged attention in plain PyTorch (CPU path): write the step's k/v to the block cache, then attend through it."""
+"""Paged attention in plain PyTorch (CPU): write the step's k/v to the block cache, attend through it."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class AttentionPlan:
     scratch: torch.Tensor | None = None  # [2, max group blocks, block_size, Hkv, D], shared by all layers
 
     def gather_buffers(self, k_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reused output buffers for a group's gathered K and V blocks (fresh ones would page-fault per layer)."""
+        """Reused buffers for a group's gathered K and V blocks (fresh ones page-fault in every layer)."""
         if self.scratch is None:
             most = max(g.blocks.numel() for g in self.decode_groups)
             self.scratch = k_cache.new_empty((2, most, *k_cache.shape[1:]))
@@ -83,7 +83,7 @@ def _group_by_length(seqs: list[int], ctx: AttentionContext) -> list[list[int]]:
     counts = [0]
     for n in sizes:
         counts.append(counts[-1] + len(by_blocks[n]))
-    # best[j]: least cost of sizes[:j]; the group sizes[i:j] costs (counts[j] - counts[i]) * sizes[j - 1] + overhead
+    # best[j]: least cost of sizes[:j]; group sizes[i:j] costs (counts[j] - counts[i]) * sizes[j-1] + overhead
     best, cut = [0], [0]
     for j in range(1, len(sizes) + 1):
         w = sizes[j - 1]
@@ -133,10 +133,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Causal attention of every sequence's new tokens over its whole context, through the block cache."""
     # q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] -> [T, Hq, D]
     plan = plan or plan_attention(ctx)
-    num_blocks, bs, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
-    num_tokens, num_heads, _ = q.shape
+    num_heads = q.shape[1]
     out = torch.empty_like(q)
     for g in plan.decode_groups:
         b = g.blocks.numel() // g.num_blocks

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -33,7 +34,7 @@ def head_dim_of(config: LlamaConfig) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in transformers' operation order; given a residual, adds x to it in place first, returns both."""
+    """RMSNorm in transformers' operation order; given a residual, first adds x to it in place."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -51,14 +52,15 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of positions, from transformers' own rope init functions (rope_theta, linear, llama3, yarn...)."""
+    """cos/sin of positions from transformers' own rope init functions (rope_theta, linear, llama3, yarn)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type in _UNSUPPORTED_ROPE:
-            raise ValueError(f"rope_type {rope_type!r} ({_UNSUPPORTED_ROPE[rope_type]}) is not supported: its "
-                             "frequencies depend on the batch's longest sequence, which paged batching cannot match")
+            raise ValueError(f"rope_type {rope_type!r} ({_UNSUPPORTED_ROPE[rope_type]}) is not supported: "
+                             "its frequencies depend on the batch's longest sequence, which paged batching "
+                             "cannot reproduce")
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unknown rope_type {rope_type!r}")
         init = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else \
@@ -121,7 +123,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate).mul_(up))
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):

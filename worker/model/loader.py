@@ -1,4 +1,4 @@
-"""Build a Llama on the meta device and stream this rank's slices of a (sharded) safetensors checkpoint into it."""
+"""Build a Llama on the meta device, then stream this rank's slices of a safetensors checkpoint into it."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def load_hf_config(model_dir: str | Path) -> LlamaConfig:
     return config
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               tp: TPInfo | None = None) -> LlamaForCausalLM:
+def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", tp: TPInfo | None = None) -> LlamaForCausalLM:
     config = load_hf_config(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, tp)
