@@ -72,7 +72,7 @@ def _up(args: argparse.Namespace) -> int:
     from worker.launch import start_worker
 
     model = Path(args.model) if args.model else ensure_tiny_model()
-    worker = start_worker(model, port=args.port, timeout=600)
+    worker = start_worker(model, "--log-level", args.log_level, port=args.port, timeout=600)
     try:
         print(f"worker serving {model.name} on {worker.address} (llamagrid.v1.Inference)", flush=True)
         _demo(worker.port)
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--model", default=None, help="checkpoint directory (default: the generated tiny model)")
     u.add_argument("--port", type=int, default=50061)
     u.add_argument("--demo-only", action="store_true", help="exit after the demo")
+    u.add_argument("--log-level", default="warning", help="the worker's log level (JSON lines on stderr)")
     u.set_defaults(func=_up)
     return p
 
