@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import structlog
+
+
+def redact_exception(_logger, _method, event: dict) -> dict:
+    """Replace exc_info by the exception's type and frames: its message may quote user text, so it is dropped."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        if exc_info[0] is not None:
+            event["exception"] = exc_info[0].__name__
+            event["frames"] = [f"{f.filename}:{f.lineno}:{f.name}" for f in traceback.extract_tb(exc_info[2])]
+    return event
 
 
 def configure_logging(level: str = "info", **bound) -> None:
@@ -16,7 +31,7 @@ def configure_logging(level: str = "info", **bound) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            redact_exception,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
