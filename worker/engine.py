@@ -164,10 +164,15 @@ class Engine:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._add(item)
-            else:
+            if kind == "abort":
                 self._abort(item)
+                continue
+            try:
+                self._add(item)
+            except Exception:  # noqa: BLE001 - one bad request must not stop the engine
+                log.exception("engine_add_failed", request_id=item.request_id)
+                self._active.pop(item.request_id, None)
+                item.sink([ErrorEvent(ServiceError("the request could not be scheduled"))])
         self._flush_events()
 
     def _add(self, request: EngineRequest) -> None:

@@ -85,3 +85,12 @@ def test_deltas_concatenate_to_text_with_multibyte_output(worker):
         full = hf.decode(prompt + r.token_ids, skip_special_tokens=True)
         head = hf.decode(prompt, skip_special_tokens=True)
         assert full.startswith(head) and full[len(head):] == r.text
+
+
+def test_unschedulable_request_fails_alone(worker):
+    """A request the scheduler refuses (here: longer than the pool allows) fails; the engine keeps going."""
+    too_long = SamplingParams(max_new_tokens=worker.layout.max_context + 10)
+    bad = submit(worker, "unschedulable", [1, 5, 6], too_long)
+    assert bad.done.wait(30) and bad.error is not None
+    ok = run_all(worker, [[1, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True), prefix="after-bad")[0]
+    assert ok.finish_reason == FinishReason.LENGTH
