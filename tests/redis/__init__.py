@@ -1,0 +1,1 @@
+"""Rate-limit tests against a real redis-server."""
