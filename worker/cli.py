@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--demo-only", action="store_true", help="exit after the demo")
     u.add_argument("--log-level", default="warning", help="the worker's log level (JSON lines on stderr)")
     u.set_defaults(func=_up)
+
+    from router.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     return p
 
 
