@@ -1,0 +1,104 @@
+"""The router's one configuration object, built from the command line plus secrets from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ratelimit.policy import FailurePolicy
+from router.discovery import from_spec
+
+PEPPER_ENV = "LLAMAGRID_KEY_PEPPER"
+REDIS_URL_ENV = "LLAMAGRID_REDIS_URL"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """`workers` is a router.discovery spec: `host:port,host:port` (static) or `dns:NAME:PORT` (every A/AAAA record
+    of NAME, re-resolved every `discovery_interval_s`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+    workers: str = "127.0.0.1:50061"
+    discovery_interval_s: float = 5.0
+    redis_url: str | None = None  # None = start an embedded redis-server
+    tiers_path: Path | None = None  # None = ratelimit.tiers.DEFAULT_TIERS
+    tier_check_interval_s: float = 1.0
+    failure_policy: FailurePolicy = FailurePolicy.FAIL_OPEN
+    redis_timeout_s: float = 0.05
+    fallback_cooldown_s: float = 1.0  # skip Redis this long after a failure
+    key_pepper: bytes = field(default=b"", repr=False)  # secret: never in repr or logs
+    max_auth_failures: int = 10  # per peer per minute, then UNAUTHENTICATED without a lookup
+    default_model: str | None = None  # None = the request must name a model
+    retry_attempts: int = 2  # extra tries on another worker before any token was streamed
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in 0..65535, got {self.port!r}")
+        if not self.host:
+            raise ValueError("host must not be empty")
+        if not isinstance(self.workers, str):
+            raise ValueError(f"workers must be a discovery spec string, got {self.workers!r}")
+        from_spec(self.workers)  # raises ValueError naming the bad target; builds no connection
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if not isinstance(self.failure_policy, FailurePolicy):
+            raise ValueError(f"failure_policy must be a FailurePolicy, got {self.failure_policy!r}")
+        for name in ("redis_timeout_s", "tier_check_interval_s", "discovery_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.fallback_cooldown_s < 0:
+            raise ValueError(f"fallback_cooldown_s must be >= 0, got {self.fallback_cooldown_s!r}")
+        if self.max_auth_failures < 1:
+            raise ValueError(f"max_auth_failures must be >= 1, got {self.max_auth_failures!r}")
+        if self.retry_attempts < 0:
+            raise ValueError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
+        if self.default_model is not None and not self.default_model.strip():
+            raise ValueError("default_model must be None or a non-empty name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RouterConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m router", description="Public gRPC entry: auth, rate limits, routing.")
+    p.add_argument("--host", default=d["host"].default)
+    p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
+    p.add_argument("--workers", default=d["workers"].default, help="host:port,host:port or dns:NAME:PORT")
+    p.add_argument("--discovery-interval", type=float, default=d["discovery_interval_s"].default, help="seconds")
+    p.add_argument("--redis-url", default=None, help=f"default ${REDIS_URL_ENV}; neither = embedded redis-server")
+    p.add_argument("--tiers", type=Path, default=None, help="tier TOML file, re-read when it changes")
+    p.add_argument("--tier-check-interval", type=float, default=d["tier_check_interval_s"].default)
+    p.add_argument("--failure-policy", choices=[f.value for f in FailurePolicy],
+                   default=d["failure_policy"].default.value, help="when Redis is down")
+    p.add_argument("--redis-timeout", type=float, default=d["redis_timeout_s"].default, help="seconds")
+    p.add_argument("--fallback-cooldown", type=float, default=d["fallback_cooldown_s"].default, help="seconds")
+    p.add_argument("--max-auth-failures", type=int, default=d["max_auth_failures"].default)
+    p.add_argument("--default-model", default=None)
+    p.add_argument("--retry-attempts", type=int, default=d["retry_attempts"].default)
+    p.add_argument("--log-level", default=d["log_level"].default)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RouterConfig:
+    """The config from parsed args; the key pepper (and a default redis URL) come from `environ` (os.environ)."""
+    env = os.environ if environ is None else environ
+    return RouterConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        discovery_interval_s=args.discovery_interval,
+        redis_url=args.redis_url or env.get(REDIS_URL_ENV) or None,
+        tiers_path=args.tiers,
+        tier_check_interval_s=args.tier_check_interval,
+        failure_policy=FailurePolicy(args.failure_policy),
+        redis_timeout_s=args.redis_timeout,
+        fallback_cooldown_s=args.fallback_cooldown,
+        key_pepper=env.get(PEPPER_ENV, "").encode(),
+        max_auth_failures=args.max_auth_failures,
+        default_model=args.default_model,
+        retry_attempts=args.retry_attempts,
+        log_level=args.log_level,
+    )
