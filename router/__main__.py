@@ -1,0 +1,47 @@
+"""`python -m router --workers h:p,h:p --port N`: serve the public API in front of a pool of workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from router.config import RouterConfig, build_parser, config_from_args
+from worker.logs import configure_logging
+
+
+async def serve(config: RouterConfig, port_file: Path | None = None) -> None:
+    from router.server import build_router
+
+    server, port, cleanup = await build_router(config)
+    try:
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(port_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, component="router")
+    asyncio.run(serve(config, args.port_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The router's public llamagrid.v1.Inference: authenticate, rate limit, pick a worker, relay its stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from redis.exceptions import RedisError
+
+from protos.llamagrid.v1 import inference_pb2 as pb
+from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from ratelimit.limiter import RateLimiter, connect
+from ratelimit.policy import GuardedLimiter, LimiterUnavailable
+from ratelimit.redis_server import RedisServer
+from ratelimit.tiers import Tier, TierSource
+from router.auth import Authenticator, check_model
+from router.config import RouterConfig
+from router.discovery import from_spec
+from router.errors import (
+    InvalidRequest,
+    LimiterDown,
+    ModelNotFound,
+    NoHealthyWorker,
+    RateLimited,
+    ServiceError,
+    from_rpc_error,
+    handle_errors,
+    handle_stream_errors,
+)
+from router.keys import ApiKeyStore, KeyRecord
+from router.worker_pool import WorkerPool
+
+log = structlog.get_logger("router.server")
+
+DEFAULT_MAX_NEW_TOKENS = 256
+CHARS_PER_TOKEN = 3
+MESSAGE_OVERHEAD_TOKENS = 4
+MAX_INPUTS = 64
+INFO_TIMEOUT_S = 2.0
+
+
+class TierMissing(ServiceError):
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value and len(value) <= 96:
+            return value
+    return uuid.uuid4().hex
+
+
+def _max_new(params: pb.SamplingParameters) -> int:
+    return params.max_new_tokens if params.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+
+
+def estimate_text(text: str, params: pb.SamplingParameters) -> int:
+    """Tokens reserved for one text job: a prompt estimate plus the most it may generate."""
+    return len(text) // CHARS_PER_TOKEN + 1 + _max_new(params)
+
+
+def estimate_chat(messages, params: pb.SamplingParameters) -> int:
+    prompt = sum(len(m.content) // CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS for m in messages)
+    return prompt + _max_new(params)
+
+
+@dataclass
+class Quota:
+    """One admitted request: what was reserved from whose bucket, and what the worker reported using."""
+
+    key_id: str
+    tier: Tier
+    reserved: int
+    request_id: str = ""
+    used: int = 0
+    refunded: bool = field(default=False)
+
+    def add_usage(self, usage: pb.Usage) -> None:
+        self.used += usage.prompt_tokens + usage.completion_tokens
+
+
+async def _outbound(job: wpb.Job, requests: asyncio.Queue | None) -> AsyncIterator[wpb.WorkerRequest]:
+    yield wpb.WorkerRequest(job=job)
+    if requests is None:
+        return
+    while (msg := await requests.get()) is not None:
+        yield msg
+
+
+class RouterServicer(pb_grpc.InferenceServicer):
+    """llamagrid.v1.Inference in front of a pool of workers. Holds no per-session state outside a live stream."""
+
+    def __init__(self, config: RouterConfig, pool: WorkerPool, auth: Authenticator, limiter: GuardedLimiter,
+                 tiers: TierSource) -> None:
+        self.config = config
+        self.pool = pool
+        self.auth = auth
+        self.limiter = limiter
+        self.tiers = tiers
+
+    # ---- admission
+
+    async def _authenticate(self, context) -> KeyRecord:
+        try:
+            return await self.auth.authenticate(context)
+        except (RedisError, OSError) as exc:
+            log.warning("key_store_unavailable", error=type(exc).__name__)
+            raise LimiterDown("authentication backend unavailable") from exc
+
+    def _resolve_model(self, record: KeyRecord, requested: str) -> str:
+        models = self.pool.models()
+        model = requested or self.config.default_model or self.pool.default_model()
+        if model is None:
+            raise NoHealthyWorker("no healthy worker")
+        if model not in models:
+            if not models:
+                raise NoHealthyWorker("no healthy worker")
+            raise ModelNotFound(f"model {model!r} is not served")
+        check_model(record, model)
+        return model
+
+    async def _charge(self, record: KeyRecord, tokens: int, context, request_id: str,
+                      send_metadata: bool = True) -> Quota:
+        tier = self.tiers.get(record.tier)
+        if tier is None:
+            log.error("tier_missing", key_id=record.key_id, tier=record.tier)
+            raise TierMissing("the API key's tier is not configured")
+        try:
+            d = await self.limiter.acquire_quota(record.key_id, tier, tokens)
+        except LimiterUnavailable as exc:
+            raise LimiterDown("rate-limit backend unavailable") from exc
+        if not d.allowed:
+            violations = []
+            if not d.requests.allowed:
+                violations.append((f"key:{record.key_id}:requests", "requests per minute exhausted"))
+            if not d.tokens.allowed:
+                violations.append((f"key:{record.key_id}:tokens", "tokens per minute exhausted"))
+            log.info("rate_limited", request_id=request_id, key_id=record.key_id, tokens=tokens,
+                     retry_after_s=d.retry_after_s if math.isfinite(d.retry_after_s) else -1)
+            raise RateLimited("rate limit exceeded", d.retry_after_s, tuple(violations))
+        if send_metadata:
+            await context.send_initial_metadata((
+                ("x-ratelimit-limit-requests", str(d.requests.limit)),
+                ("x-ratelimit-remaining-requests", str(d.requests.remaining)),
+                ("x-ratelimit-remaining-tokens", str(d.tokens.remaining)),
+                ("x-ratelimit-reset-requests", f"{math.ceil(d.requests.reset_after_s * 1000)}ms"),
+                ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"),
+            ))
+        return Quota(record.key_id, tier, tokens, request_id)
+
+    async def _refund(self, quota: Quota) -> None:
+        if quota.refunded:
+            return
+        quota.refunded = True
+        unused = quota.reserved - quota.used
+        log.info("request_settled", request_id=quota.request_id, key_id=quota.key_id, reserved=quota.reserved,
+                 used=quota.used, refunded=max(unused, 0))
+        if unused > 0:
+            with contextlib.suppress(Exception):  # best effort; the limiter logs backend failures itself
+                await self.limiter.refund(quota.key_id, quota.tier, unused)
+
+    # ---- worker calls
+
+    def _job(self, request_id: str, model: str, params: pb.SamplingParameters, context) -> wpb.Job:
+        job = wpb.Job(request_id=request_id, model=model, parameters=params)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            job.deadline_unix_ms = int((time.time() + remaining) * 1000)
+        return job
+
+    async def _events(self, job: wpb.Job, context, *, address: str | None = None,
+                      requests: asyncio.Queue | None = None,
+                      on_address: Callable[[str], None] | None = None) -> AsyncIterator[wpb.WorkerEvent]:
+        """Run one job on a worker and yield its events. Before the first event an UNAVAILABLE worker is swapped
+        for another (up to config.retry_attempts times) unless `address` pins the worker. `requests` (optional)
+        feeds later messages (Cancel) to the worker stream; None there half-closes it."""
+        tried: set[str] = set()
+        attempts = 1 if address is not None else self.config.retry_attempts + 1
+        pending = job.parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        for attempt in range(attempts):
+            if address is None:
+                picked = self.pool.pick(job.model, frozenset(tried))
+                if picked is None:
+                    raise NoHealthyWorker("no healthy worker for the model")
+                target = picked[0].address
+            else:
+                target = address
+            tried.add(target)
+            try:
+                stub, lease = self.pool.stub(target), self.pool.acquire(target, pending)
+            except KeyError as exc:
+                raise NoHealthyWorker("the session's worker is gone") from exc
+
+            remaining = context.time_remaining()
+            call = stub.Generate(_outbound(job, requests), timeout=remaining,
+                                 metadata=(("x-request-id", job.request_id),))
+            started = False
+            try:
+                async for event in call:
+                    if not started:
+                        started = True
+                        if on_address is not None:
+                            on_address(target)
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not started and attempt + 1 < attempts:
+                    log.warning("worker_retry", request_id=job.request_id, worker=target, attempt=attempt + 1)
+                    continue
+                raise from_rpc_error(exc) from exc
+            finally:
+                call.cancel()
+                lease.release()
+
+    async def _merged(self, jobs: list[wpb.Job], context) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
+        """Run every job concurrently (each on its own worker pick); yield (index, event) as events arrive."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, job: wpb.Job) -> None:
+            try:
+                async for event in self._events(job, context):
+                    await merged.put((index, event))
+            except Exception as exc:
+                await merged.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        remaining = len(jobs)
+        try:
+            while remaining:
+                index, event = await merged.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event.HasField("finished"):
+                    remaining -= 1
+                yield index, event
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _admit_generate(self, request: pb.GenerateRequest, context) -> tuple[list[wpb.Job], Quota, str]:
+        record = await self._authenticate(context)
+        model = self._resolve_model(record, request.model)
+        if not request.inputs:
+            raise InvalidRequest("inputs: at least one input is required")
+        if len(request.inputs) > MAX_INPUTS:
+            raise InvalidRequest(f"inputs: at most {MAX_INPUTS} inputs per request")
+        base = _request_id(context)
+        cost = sum(estimate_text(t, request.parameters) for t in request.inputs)
+        quota = await self._charge(record, cost, context, base)
+        jobs = []
+        for i, text in enumerate(request.inputs):
+            job = self._job(f"{base}/{i}", model, request.parameters, context)
+            job.text = text
+            jobs.append(job)
+        log.info("request_admitted", request_id=base, key_id=record.key_id, inputs=len(jobs), reserved=cost)
+        return jobs, quota, base
+
+    # ---- public API
+
+    @handle_errors
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        jobs, quota, _ = await self._admit_generate(request, context)
+        try:
+            outputs = [pb.Completion() for _ in jobs]
+            texts: list[list[str]] = [[] for _ in jobs]
+            async for index, event in self._merged(jobs, context):
+                if event.HasField("delta"):
+                    texts[index].append(event.delta.text)
+                    outputs[index].token_ids.extend(event.delta.token_ids)
+                else:
+                    fin = event.finished
+                    outputs[index].finish_reason = fin.finish_reason
+                    outputs[index].usage.CopyFrom(fin.usage)
+                    quota.add_usage(fin.usage)
+            for out, parts in zip(outputs, texts, strict=True):
+                out.text = "".join(parts)
+            return pb.GenerateResponse(outputs=outputs)
+        finally:
+            await asyncio.shield(self._refund(quota))
+
+    @handle_stream_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
+        jobs, quota, _ = await self._admit_generate(request, context)
+        try:
+            async for index, event in self._merged(jobs, context):
+                if event.HasField("delta"):
+                    yield pb.GenerateChunk(index=index, text=event.delta.text, token_ids=event.delta.token_ids)
+                else:
+                    fin = event.finished
+                    quota.add_usage(fin.usage)
+                    yield pb.GenerateChunk(index=index, finish_reason=fin.finish_reason, usage=fin.usage)
+        finally:
+            await asyncio.shield(self._refund(quota))
+
+    @handle_stream_errors
+    async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
+        record = await self._authenticate(context)
+        base = _request_id(context)
+        inbox: asyncio.Queue = asyncio.Queue()
+        session = _ChatSession()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await inbox.put(("request", req))
+            finally:
+                await inbox.put(("closed", None))
+
+        async def pump(job: wpb.Job, outbound: asyncio.Queue) -> None:
+            try:
+                async for event in self._events(job, context, address=session.address, requests=outbound,
+                                                on_address=session.pin):
+                    await inbox.put(("event", event))
+            except Exception as exc:
+                await inbox.put(("event", exc))
+
+        reader = asyncio.create_task(read())
+        turn: asyncio.Task | None = None
+        outbound: asyncio.Queue | None = None
+        quota: Quota | None = None
+        closed = False
+        sent_metadata = False
+        try:
+            while not (closed and turn is None):
+                kind, item = await inbox.get()
+                if kind == "closed":
+                    closed = True
+                elif kind == "request" and item.HasField("cancel"):
+                    if outbound is not None:
+                        outbound.put_nowait(wpb.WorkerRequest(cancel=wpb.Cancel()))
+                elif kind == "request":
+                    if turn is not None:
+                        raise InvalidRequest("turn: a reply is still streaming; send cancel first")
+                    if session.num_turns == 0:
+                        session.model = self._resolve_model(record, item.turn.model)
+                    field_ = f"turns[{session.num_turns}]"
+                    cost = estimate_chat(item.turn.messages, item.turn.parameters)
+                    quota = await self._charge(record, cost, context, f"{base}/{session.num_turns}",
+                                              send_metadata=not sent_metadata)
+                    sent_metadata = True
+                    job = self._job(f"{base}/{session.num_turns}", session.model, item.turn.parameters, context)
+                    job.chat.messages.extend(item.turn.messages)
+                    job.history_token_ids.extend(session.history)
+                    session.num_turns += 1
+                    session.generated = []
+                    log.info("chat_turn_admitted", request_id=job.request_id, key_id=record.key_id,
+                             reserved=cost, history=len(session.history), field=field_)
+                    outbound = asyncio.Queue()
+                    turn = asyncio.create_task(pump(job, outbound))
+                elif isinstance(item, Exception):
+                    raise item
+                elif item.HasField("delta"):
+                    session.generated.extend(item.delta.token_ids)
+                    yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
+                else:
+                    fin = item.finished
+                    history = list(fin.prompt_token_ids) + session.generated
+                    if not session.generated or session.generated[-1] != EOS_TOKEN_ID:
+                        history.append(EOS_TOKEN_ID)
+                    session.history = history
+                    await turn
+                    turn, outbound = None, None
+                    if quota is not None:
+                        quota.add_usage(fin.usage)
+                        await asyncio.shield(self._refund(quota))
+                    yield pb.ChatEvent(end=pb.TurnEnd(finish_reason=fin.finish_reason, usage=fin.usage))
+        finally:
+            reader.cancel()
+            if turn is not None:
+                turn.cancel()
+                await asyncio.gather(turn, return_exceptions=True)
+            if quota is not None:
+                await asyncio.shield(self._refund(quota))
+
+    @handle_errors
+    async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
+        record = await self._authenticate(context)
+        model = self._resolve_model(record, request.model)
+        picked = self.pool.pick(model)
+        if picked is None:
+            raise NoHealthyWorker("no healthy worker for the model")
+        forwarded = pb.CountTokensRequest()
+        forwarded.CopyFrom(request)
+        forwarded.model = model
+        try:
+            return await self.pool.stub(picked[0].address).CountTokens(forwarded, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    @handle_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        await self._authenticate(context)
+        out = []
+        for name in self.pool.models():
+            picked = self.pool.pick(name)
+            max_context = 0
+            if picked is not None:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                    info = await self.pool.stub(picked[0].address).Info(wpb.InfoRequest(), timeout=INFO_TIMEOUT_S)
+                    max_context = info.max_context
+            out.append(pb.ModelInfo(name=name, max_context=max_context))
+        return pb.ListModelsResponse(models=out)
+
+
+EOS_TOKEN_ID = 2  # Llama-2's </s>; worker/server.py appends it the same way to close a reply in the history
+
+
+@dataclass
+class _ChatSession:
+    model: str = ""
+    address: str | None = None
+    num_turns: int = 0
+    history: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+
+    def pin(self, address: str) -> None:
+        self.address = address
+
+
+async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
+                       ) -> tuple[grpc.aio.Server, int, Callable[[], Awaitable[None]]]:
+    """Build and start the router (and an embedded redis-server when config.redis_url is None).
+
+    `pool` (default: one from config.workers) is started here and stopped by cleanup; pass one to watch its health.
+    Returns the started server, its bound port and an async cleanup that stops everything it started."""
+    embedded = None
+    redis_url = config.redis_url
+    if redis_url is None:
+        embedded = RedisServer().start()
+        redis_url = embedded.url
+    client = connect(redis_url, timeout_s=max(config.redis_timeout_s, 0.05))
+    store = ApiKeyStore(client, pepper=config.key_pepper)
+    limiter = GuardedLimiter(RateLimiter(client, timeout_s=max(config.redis_timeout_s * 5, 0.25)),
+                             policy=config.failure_policy, cooldown_s=config.fallback_cooldown_s)
+    tiers = TierSource(config.tiers_path, config.tier_check_interval_s)
+    if pool is None:
+        pool = WorkerPool(from_spec(config.workers, config.discovery_interval_s))
+    await pool.start()
+    servicer = RouterServicer(config, pool, Authenticator(store, config.max_auth_failures), limiter, tiers)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log.info("router_started", port=port, workers=config.workers, embedded_redis=embedded is not None)
+
+    async def cleanup(grace_s: float = 1.0) -> None:
+        await server.stop(grace_s)
+        await pool.stop()
+        await client.aclose()
+        if embedded is not None:
+            embedded.close()
+
+    return server, port, cleanup
