@@ -1,29 +1,24 @@
-"""Router errors and the router's one place that turns them (and worker failures) into gRPC status."""
+"""Router-specific errors; the mapping to gRPC status is worker.errors', shared by both services."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import grpc
-import structlog
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-log = structlog.get_logger("router.errors")
+from worker.errors import (  # noqa: F401 - re-exported for the router
+    ModelNotFound,
+    ServiceError,
+    UpstreamError,
+    abort_with,
+    handle_errors,
+    handle_stream_errors,
+)
 
 RETRY_AFTER_TRAILER = "retry-after-ms"
-
-
-class ServiceError(Exception):
-    """An expected failure with the gRPC status the client gets. The message never contains user text."""
-
-    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class Unauthenticated(ServiceError):
@@ -36,10 +31,6 @@ class PermissionDenied(ServiceError):
 
 class InvalidRequest(ServiceError):
     status = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ModelNotFound(ServiceError):
-    status = grpc.StatusCode.NOT_FOUND
 
 
 class NoHealthyWorker(ServiceError):
@@ -66,16 +57,13 @@ class RateLimited(ServiceError):
     def retry_after_ms(self) -> int | None:
         return None if not math.isfinite(self.retry_after_s) else max(1, math.ceil(self.retry_after_s * 1000))
 
-
-class WorkerError(ServiceError):
-    """A worker answered with a non-OK status; passed through with its code and details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details or code.name)
-        self.status = code
-
-
-_CODES = {c: getattr(code_pb2, c.name) for c in grpc.StatusCode if hasattr(code_pb2, c.name)}
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        """RESOURCE_EXHAUSTED with QuotaFailure/RetryInfo details and a retry-after-ms trailer."""
+        status = rpc_status.to_status(rate_limited_status(self))
+        trailers = tuple(status.trailing_metadata)
+        if self.retry_after_ms is not None:
+            trailers += ((RETRY_AFTER_TRAILER, str(self.retry_after_ms)),)
+        await context.abort(status.code, status.details, trailing_metadata=trailers)
 
 
 def rate_limited_status(error: RateLimited) -> status_pb2.Status:
@@ -91,57 +79,6 @@ def rate_limited_status(error: RateLimited) -> status_pb2.Status:
     return st
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    """Abort the RPC with the error's status (raises). RESOURCE_EXHAUSTED carries rich details and a trailer."""
-    if isinstance(error, RateLimited):
-        status = rpc_status.to_status(rate_limited_status(error))
-        trailers = tuple(status.trailing_metadata)
-        if error.retry_after_ms is not None:
-            trailers += ((RETRY_AFTER_TRAILER, str(error.retry_after_ms)),)
-        await context.abort(status.code, status.details, trailing_metadata=trailers)
-    await context.abort(error.status, error.message)
-
-
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> WorkerError:
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> UpstreamError:
     """A worker's failure as a pass-through error with its code and details."""
-    return WorkerError(exc.code(), exc.details() or "")
-
-
-async def _abort_for(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
-    if isinstance(error, ServiceError):
-        await abort_with(context, error)
-    if isinstance(error, grpc.aio.AioRpcError):
-        await abort_with(context, from_rpc_error(error))
-    log.exception("handler_failed", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-
-def handle_errors(method):
-    """Decorate a unary grpc.aio handler: ServiceError -> its status; anything else -> INTERNAL."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort_for(context, e, method.__name__)
-
-    return wrapper
-
-
-def handle_stream_errors(method):
-    """Decorate a streaming (async generator) grpc.aio handler with the same mapping."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort_for(context, e, method.__name__)
-
-    return wrapper
+    return UpstreamError.from_rpc_error(exc)

@@ -19,6 +19,22 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
 
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        """End the RPC with this error's status (raises, as context.abort does)."""
+        await context.abort(self.status, self.message)
+
+
+class UpstreamError(ServiceError):
+    """A downstream gRPC call (router -> worker) failed; passed through with its code and details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details or code.name)
+        self.status = code
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.aio.AioRpcError) -> UpstreamError:
+        return cls(exc.code(), exc.details() or "")
+
 
 class InvalidRequest(ServiceError):
     """A request field is out of range; the message names the field."""
@@ -50,13 +66,15 @@ class DeadlineExceeded(ServiceError):
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     """Abort the RPC with the error's status and message (raises, as context.abort does)."""
-    await context.abort(error.status, error.message)
+    await error.abort(context)
 
 
 async def _abort_for(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
     """Abort with the status that `error` maps to; unexpected errors are logged once and become INTERNAL."""
     if isinstance(error, ServiceError):
         await abort_with(context, error)
+    if isinstance(error, grpc.aio.AioRpcError):
+        await abort_with(context, UpstreamError.from_rpc_error(error))
     log.exception("handler_failed", method=method)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
