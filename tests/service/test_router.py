@@ -25,11 +25,10 @@ from ratelimit.limiter import connect
 from ratelimit.redis_server import RedisServer
 from router.auth import Authenticator, FailureCounter
 from router.config import RouterConfig
-from router.discovery import from_spec
 from router.errors import ServiceError
 from router.keys import ApiKeyStore
-from router.server import RouterServicer, build_router
-from router.worker_pool import WorkerPool
+from router.server import RouterServicer
+from tests.service.router_harness import auth, create_keys, router_in_thread
 from worker.launch import start_worker
 
 WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
@@ -84,75 +83,35 @@ def dead_address():
 @pytest.fixture(scope="module")
 def keys(redis_server):
     """Plaintext keys by name: pro, tiny, revoked, restricted (may use only another model)."""
+    out = create_keys(redis_server.url, {"pro": ("pro", []), "tiny": ("tiny", []), "revoked": ("pro", []),
+                                         "restricted": ("pro", ["some-other-model"])})
 
-    async def make():
+    async def revoke():
         client = connect(redis_server.url, timeout_s=1.0)
         try:
             store = ApiKeyStore(client)
-            out = {}
-            for name, tier in (("pro", "pro"), ("tiny", "tiny"), ("revoked", "pro"), ("restricted", "pro")):
-                models = ["some-other-model"] if name == "restricted" else []
-                record, key = await store.create(f"tenant-{name}", tier, models)
-                out[name] = key
-                if name == "revoked":
-                    assert await store.revoke(record.key_id)
-            return out
+            record = await store.authenticate(out["revoked"])
+            assert await store.revoke(record.key_id)
         finally:
             await client.aclose()
 
-    return asyncio.run(make())
+    asyncio.run(revoke())
+    return out
 
 
 @pytest.fixture(scope="module")
-def router(redis_server, workers, tmp_path_factory):
-    """The router on its own event loop in a thread; yields its address."""
+def router(redis_server, workers, keys, tmp_path_factory):
+    """The router on its own event loop in a thread; yields its address once both workers are routable."""
     tiers = tmp_path_factory.mktemp("tiers") / "tiers.toml"
     tiers.write_text(TIERS)
     config = RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_server.url,
                           tiers_path=tiers, redis_timeout_s=0.5)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state = {}
-
-    async def main():
-        pool = WorkerPool(from_spec(config.workers))
-        _, port, cleanup = await build_router(config, pool)
-        assert await pool.wait_healthy(2, timeout_s=20)
-        state["port"], state["stop"] = port, asyncio.Event()
-        started.set()
-        await state["stop"].wait()
-        await cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(15)
-    address = f"127.0.0.1:{state['port']}"
-    with grpc.insecure_channel(address) as ch:  # wait until both workers are routable
-        stub = pb_grpc.InferenceStub(ch)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                stub.ListModels(pb.ListModelsRequest(), metadata=_auth(_KEYS["pro"]), timeout=2)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-    yield address
-    loop.call_soon_threadsafe(state["stop"].set)
-    thread.join(10)
-
-
-_KEYS: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remember_keys(keys):
-    _KEYS.update(keys)
+    with router_in_thread(config, num_workers=2, probe_key=keys["pro"]) as address:
+        yield address
 
 
 def _auth(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
+    return auth(key)
 
 
 @pytest.fixture(scope="module")
