@@ -41,10 +41,15 @@ def _pings(port: int) -> bool:
 
 
 class RedisServer:
-    """A `redis-server` without persistence on 127.0.0.1; `start()` again after `stop()`/`kill()` reuses the port."""
+    """A `redis-server` on 127.0.0.1; `start()` again after `stop()`/`kill()` reuses the port.
 
-    def __init__(self, port: int | None = None, executable: str | None = None, startup_timeout_s: float = 10.0):
+    Without persistence by default; `persistent=True` keeps an fsync-always append-only file in its directory, so
+    a killed and restarted server comes back with its data (as a production Redis with AOF would)."""
+
+    def __init__(self, port: int | None = None, executable: str | None = None, startup_timeout_s: float = 10.0,
+                 persistent: bool = False):
         self.port = port or free_port()
+        self.persistent = persistent
         self.executable = executable or find_redis_server()
         self.startup_timeout_s = startup_timeout_s
         self._dir = tempfile.TemporaryDirectory(prefix="llamagrid-redis-")
@@ -70,7 +75,8 @@ class RedisServer:
         """Start the server and return once it answers PING."""
         if self.running:
             return self
-        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
                 "--dir", self._dir.name, "--daemonize", "no", "--logfile", str(self.log_path)]
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)

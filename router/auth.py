@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import grpc
 import structlog
+from redis.exceptions import RedisError
 
-from router.errors import PermissionDenied, RateLimited, Unauthenticated
+from router.errors import LimiterDown, PermissionDenied, RateLimited, Unauthenticated
 from router.keys import ApiKeyStore, KeyRecord, parse_bearer
 
 log = structlog.get_logger("router.auth")
@@ -65,12 +67,53 @@ def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-class Authenticator:
-    """Maps request metadata to a KeyRecord, or raises Unauthenticated / RateLimited (too many failures)."""
+class LastKnownKeys:
+    """Records of keys recently verified against Redis, used only while Redis cannot be reached.
 
-    def __init__(self, store: ApiKeyStore, max_failures: int, failures: FailureCounter | None = None) -> None:
+    Keyed by a SHA-256 of the presented key (never the key itself), bounded LRU, each entry usable for `stale_s`
+    after its last successful lookup. Redis stays the authority: every lookup that reaches it refreshes or drops
+    the entry, so a revocation is seen at once whenever Redis is up."""
+
+    def __init__(self, stale_s: float, max_entries: int = 50_000, clock: Callable[[], float] = time.monotonic):
+        self.stale_s = stale_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[KeyRecord, float]] = OrderedDict()
+
+    @staticmethod
+    def _slot(presented: str) -> bytes:
+        return hashlib.sha256(presented.encode()).digest()
+
+    def remember(self, presented: str, record: KeyRecord | None) -> None:
+        slot = self._slot(presented)
+        if record is None:
+            self._entries.pop(slot, None)
+            return
+        self._entries[slot] = (record, self._clock())
+        self._entries.move_to_end(slot)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def recall(self, presented: str) -> KeyRecord | None:
+        entry = self._entries.get(self._slot(presented))
+        if entry is None or self._clock() - entry[1] > self.stale_s:
+            return None
+        return entry[0]
+
+
+class Authenticator:
+    """Maps request metadata to a KeyRecord, or raises Unauthenticated / RateLimited (too many failures) /
+    LimiterDown (UNAVAILABLE: the key store failed and the key is not known from before).
+
+    With `last_known` (the fail-open policy), a key verified against Redis in the last `stale_s` seconds keeps
+    working while Redis is down; new keys cannot be verified until it returns."""
+
+    def __init__(self, store: ApiKeyStore, max_failures: int, failures: FailureCounter | None = None,
+                 last_known: LastKnownKeys | None = None) -> None:
         self.store = store
         self.failures = failures if failures is not None else FailureCounter(max_failures)
+        self.last_known = last_known
+        self.stale_hits = 0
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> KeyRecord:
         peer = context.peer() or "unknown"
@@ -81,11 +124,27 @@ class Authenticator:
             raise RateLimited("too many failed authentication attempts", wait,
                               (("peer", "authentication failures per minute"),))
         token = bearer_token(context)
-        record = await self.store.authenticate(token) if token is not None else None
+        record = await self._lookup(token) if token is not None else None
         if record is None:
             self.failures.record(peer_host)
             log.info("auth_failed", peer=peer_host, reason="missing" if token is None else "invalid")
             raise Unauthenticated("missing or invalid API key")
+        return record
+
+
+    async def _lookup(self, token: str) -> KeyRecord | None:
+        try:
+            record = await self.store.authenticate(token)
+        except (RedisError, OSError, TimeoutError) as exc:
+            stale = self.last_known.recall(token) if self.last_known is not None else None
+            if stale is None:
+                log.warning("key_store_unavailable", error=type(exc).__name__)
+                raise LimiterDown("authentication backend unavailable") from exc
+            self.stale_hits += 1
+            log.debug("key_store_unavailable_using_last_known", key_id=stale.key_id, error=type(exc).__name__)
+            return stale
+        if self.last_known is not None:
+            self.last_known.remember(token, record)
         return record
 
 

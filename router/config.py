@@ -32,6 +32,7 @@ class RouterConfig:
     fallback_cooldown_s: float = 1.0  # skip Redis this long after a failure
     key_pepper: bytes = field(default=b"", repr=False)  # secret: never in repr or logs
     max_auth_failures: int = 10  # per peer per minute, then UNAUTHENTICATED without a lookup
+    auth_stale_s: float = 300.0  # fail-open: keys verified this recently keep working while Redis is down (0 = off)
     default_model: str | None = None  # None = the request must name a model
     retry_attempts: int = 2  # extra tries on another worker before any token was streamed
     log_level: str = "info"
@@ -53,6 +54,8 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.fallback_cooldown_s < 0:
             raise ValueError(f"fallback_cooldown_s must be >= 0, got {self.fallback_cooldown_s!r}")
+        if self.auth_stale_s < 0:
+            raise ValueError(f"auth_stale_s must be >= 0, got {self.auth_stale_s!r}")
         if self.max_auth_failures < 1:
             raise ValueError(f"max_auth_failures must be >= 1, got {self.max_auth_failures!r}")
         if self.retry_attempts < 0:
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-timeout", type=float, default=d["redis_timeout_s"].default, help="seconds")
     p.add_argument("--fallback-cooldown", type=float, default=d["fallback_cooldown_s"].default, help="seconds")
     p.add_argument("--max-auth-failures", type=int, default=d["max_auth_failures"].default)
+    p.add_argument("--auth-stale", type=float, default=d["auth_stale_s"].default,
+                   help="fail-open: seconds a verified key keeps working while Redis is down (0 = off)")
     p.add_argument("--default-model", default=None)
     p.add_argument("--retry-attempts", type=int, default=d["retry_attempts"].default)
     p.add_argument("--log-level", default=d["log_level"].default)
@@ -98,6 +103,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         fallback_cooldown_s=args.fallback_cooldown,
         key_pepper=env.get(PEPPER_ENV, "").encode(),
         max_auth_failures=args.max_auth_failures,
+        auth_stale_s=args.auth_stale,
         default_model=args.default_model,
         retry_attempts=args.retry_attempts,
         log_level=args.log_level,

@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
-from redis.exceptions import RedisError
 
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from ratelimit.limiter import RateLimiter, connect
-from ratelimit.policy import GuardedLimiter, LimiterUnavailable
+from ratelimit.policy import FailurePolicy, GuardedLimiter, LimiterUnavailable
 from ratelimit.redis_server import RedisServer
 from ratelimit.tiers import Tier, TierSource
-from router.auth import Authenticator, check_model
+from router.auth import Authenticator, LastKnownKeys, check_model
 from router.config import RouterConfig
 from router.discovery import from_spec
 from router.errors import (
@@ -109,11 +108,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     # ---- admission
 
     async def _authenticate(self, context) -> KeyRecord:
-        try:
-            return await self.auth.authenticate(context)
-        except (RedisError, OSError) as exc:
-            log.warning("key_store_unavailable", error=type(exc).__name__)
-            raise LimiterDown("authentication backend unavailable") from exc
+        return await self.auth.authenticate(context)
 
     def _resolve_model(self, record: KeyRecord, requested: str) -> str:
         models = self.pool.models()
@@ -445,7 +440,10 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     if pool is None:
         pool = WorkerPool(from_spec(config.workers, config.discovery_interval_s))
     await pool.start()
-    servicer = RouterServicer(config, pool, Authenticator(store, config.max_auth_failures), limiter, tiers)
+    last_known = (LastKnownKeys(config.auth_stale_s)
+                  if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
+    auth = Authenticator(store, config.max_auth_failures, last_known=last_known)
+    servicer = RouterServicer(config, pool, auth, limiter, tiers)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
