@@ -26,7 +26,7 @@ async def serve(config: RouterConfig, port_file: Path | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        await cleanup()
+        await cleanup()  # drain: health NOT_SERVING, refuse new calls, in-flight ones get config.drain_grace_s
 
 
 def main(argv: list[str] | None = None) -> int:

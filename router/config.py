@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ratelimit.policy import FailurePolicy
 from router.discovery import from_spec
+from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 
 PEPPER_ENV = "LLAMAGRID_KEY_PEPPER"
 REDIS_URL_ENV = "LLAMAGRID_REDIS_URL"
@@ -35,6 +36,10 @@ class RouterConfig:
     auth_stale_s: float = 300.0  # fail-open: keys verified this recently keep working while Redis is down (0 = off)
     default_model: str | None = None  # None = the request must name a model
     retry_attempts: int = 2  # extra tries on another worker before any token was streamed
+    drain_grace_s: float = 30.0  # on SIGTERM: in-flight calls get this long to finish
+    tls_cert: Path | None = None  # PEM chain for the client port; with tls_key, or neither (plaintext)
+    tls_key: Path | None = None
+    internal_token: str | None = field(default=None, repr=False)  # secret sent to workers (worker.internal_auth)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -60,6 +65,14 @@ class RouterConfig:
             raise ValueError(f"max_auth_failures must be >= 1, got {self.max_auth_failures!r}")
         if self.retry_attempts < 0:
             raise ValueError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {path}")
         if self.default_model is not None and not self.default_model.strip():
             raise ValueError("default_model must be None or a non-empty name")
 
@@ -69,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router", description="Public gRPC entry: auth, rate limits, routing.")
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
-    p.add_argument("--workers", default=d["workers"].default, help="host:port,host:port or dns:NAME:PORT")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", default=None, help=f"host:port,host:port (default {d['workers'].default})")
+    where.add_argument("--workers-dns", default=None, metavar="NAME:PORT",
+                       help="every address of NAME (e.g. a headless Service), re-resolved periodically")
     p.add_argument("--discovery-interval", type=float, default=d["discovery_interval_s"].default, help="seconds")
     p.add_argument("--redis-url", default=None, help=f"default ${REDIS_URL_ENV}; neither = embedded redis-server")
     p.add_argument("--tiers", type=Path, default=None, help="tier TOML file, re-read when it changes")
@@ -83,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail-open: seconds a verified key keeps working while Redis is down (0 = off)")
     p.add_argument("--default-model", default=None)
     p.add_argument("--retry-attempts", type=int, default=d["retry_attempts"].default)
+    p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default,
+                   help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for the client port")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--internal-token-file", type=Path, default=None,
+                   help=f"token sent to workers (default ${INTERNAL_TOKEN_ENV}; neither = none)")
     p.add_argument("--log-level", default=d["log_level"].default)
     return p
 
@@ -93,7 +115,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     return RouterConfig(
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=_workers_spec(args),
         discovery_interval_s=args.discovery_interval,
         redis_url=args.redis_url or env.get(REDIS_URL_ENV) or None,
         tiers_path=args.tiers,
@@ -106,5 +128,15 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         auth_stale_s=args.auth_stale,
         default_model=args.default_model,
         retry_attempts=args.retry_attempts,
+        drain_grace_s=args.drain_grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        internal_token=read_internal_token(args.internal_token_file, env),
         log_level=args.log_level,
     )
+
+
+def _workers_spec(args: argparse.Namespace) -> str:
+    if args.workers_dns:
+        return f"dns:{args.workers_dns}"
+    return args.workers or RouterConfig.__dataclass_fields__["workers"].default

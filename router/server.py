@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from grpc_reflection.v1alpha import reflection
 
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
@@ -34,8 +35,11 @@ from router.errors import (
     handle_errors,
     handle_stream_errors,
 )
+from router.health import HEALTH_SERVICE, INFERENCE_SERVICE, RouterHealth
 from router.keys import ApiKeyStore, KeyRecord
+from router.outbox import Outbox
 from router.worker_pool import WorkerPool
+from worker.internal_auth import token_metadata
 
 log = structlog.get_logger("router.server")
 
@@ -104,6 +108,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.auth = auth
         self.limiter = limiter
         self.tiers = tiers
+        self._settling: set[asyncio.Task] = set()
 
     # ---- admission
 
@@ -151,10 +156,21 @@ class RouterServicer(pb_grpc.InferenceServicer):
             ))
         return Quota(record.key_id, tier, tokens, request_id)
 
-    async def _refund(self, quota: Quota) -> None:
+    def _settle(self, quota: Quota) -> None:
+        """Refund what `quota` did not use, in the background: the client's response does not wait for Redis.
+        Idempotent. `settle_pending()` waits for every refund still running (used when the router stops)."""
         if quota.refunded:
             return
         quota.refunded = True
+        task = asyncio.get_running_loop().create_task(self._refund(quota))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def settle_pending(self) -> None:
+        if self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+    async def _refund(self, quota: Quota) -> None:
         unused = quota.reserved - quota.used
         log.info("request_settled", request_id=quota.request_id, key_id=quota.key_id, reserved=quota.reserved,
                  used=quota.used, refunded=max(unused, 0))
@@ -196,7 +212,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
             remaining = context.time_remaining()
             call = stub.Generate(_outbound(job, requests), timeout=remaining,
-                                 metadata=(("x-request-id", job.request_id),))
+                                 metadata=(("x-request-id", job.request_id), *self.pool.metadata))
             started = False
             try:
                 async for event in call:
@@ -216,21 +232,22 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 lease.release()
 
     async def _merged(self, jobs: list[wpb.Job], context) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
-        """Run every job concurrently (each on its own worker pick); yield (index, event) as events arrive."""
-        merged: asyncio.Queue = asyncio.Queue()
+        """Run every job concurrently (each on its own worker pick); yield (index, event) as the client takes them,
+        deltas that waited for a slow client merged (router.outbox)."""
+        outbox = Outbox()
 
         async def pump(index: int, job: wpb.Job) -> None:
             try:
                 async for event in self._events(job, context):
-                    await merged.put((index, event))
+                    outbox.put_event(index, event)
             except Exception as exc:
-                await merged.put((index, exc))
+                outbox.put(exc)
 
         tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         remaining = len(jobs)
         try:
             while remaining:
-                index, event = await merged.get()
+                index, event = await outbox.get()
                 if isinstance(event, Exception):
                     raise event
                 if event.HasField("finished"):
@@ -240,6 +257,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if outbox.merged:
+                log.debug("deltas_coalesced", request_id=jobs[0].request_id, merged=outbox.merged)
 
     async def _admit_generate(self, request: pb.GenerateRequest, context) -> tuple[list[wpb.Job], Quota, str]:
         record = await self._authenticate(context)
@@ -280,7 +299,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 out.text = "".join(parts)
             return pb.GenerateResponse(outputs=outputs)
         finally:
-            await asyncio.shield(self._refund(quota))
+            self._settle(quota)
 
     @handle_stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
@@ -294,29 +313,29 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     quota.add_usage(fin.usage)
                     yield pb.GenerateChunk(index=index, finish_reason=fin.finish_reason, usage=fin.usage)
         finally:
-            await asyncio.shield(self._refund(quota))
+            self._settle(quota)
 
     @handle_stream_errors
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
         record = await self._authenticate(context)
         base = _request_id(context)
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox = Outbox()  # client requests (unmerged) and the current turn's worker events (index 0, coalesced)
         session = _ChatSession()
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    await inbox.put(("request", req))
+                    inbox.put(req)
             finally:
-                await inbox.put(("closed", None))
+                inbox.put(_CLOSED)
 
         async def pump(job: wpb.Job, outbound: asyncio.Queue) -> None:
             try:
                 async for event in self._events(job, context, address=session.address, requests=outbound,
                                                 on_address=session.pin):
-                    await inbox.put(("event", event))
+                    inbox.put_event(0, event)
             except Exception as exc:
-                await inbox.put(("event", exc))
+                inbox.put(exc)
 
         reader = asyncio.create_task(read())
         turn: asyncio.Task | None = None
@@ -326,13 +345,15 @@ class RouterServicer(pb_grpc.InferenceServicer):
         sent_metadata = False
         try:
             while not (closed and turn is None):
-                kind, item = await inbox.get()
-                if kind == "closed":
+                index, item = await inbox.get()
+                if item is _CLOSED:
                     closed = True
-                elif kind == "request" and item.HasField("cancel"):
+                elif isinstance(item, Exception):
+                    raise item
+                elif index is None and item.HasField("cancel"):
                     if outbound is not None:
                         outbound.put_nowait(wpb.WorkerRequest(cancel=wpb.Cancel()))
-                elif kind == "request":
+                elif index is None:
                     if turn is not None:
                         raise InvalidRequest("turn: a reply is still streaming; send cancel first")
                     if session.num_turns == 0:
@@ -351,8 +372,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
                              reserved=cost, history=len(session.history), field=field_)
                     outbound = asyncio.Queue()
                     turn = asyncio.create_task(pump(job, outbound))
-                elif isinstance(item, Exception):
-                    raise item
                 elif item.HasField("delta"):
                     session.generated.extend(item.delta.token_ids)
                     yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
@@ -366,7 +385,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     turn, outbound = None, None
                     if quota is not None:
                         quota.add_usage(fin.usage)
-                        await asyncio.shield(self._refund(quota))
+                        self._settle(quota)
                     yield pb.ChatEvent(end=pb.TurnEnd(finish_reason=fin.finish_reason, usage=fin.usage))
         finally:
             reader.cancel()
@@ -374,7 +393,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 turn.cancel()
                 await asyncio.gather(turn, return_exceptions=True)
             if quota is not None:
-                await asyncio.shield(self._refund(quota))
+                self._settle(quota)
 
     @handle_errors
     async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
@@ -387,7 +406,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         forwarded.CopyFrom(request)
         forwarded.model = model
         try:
-            return await self.pool.stub(picked[0].address).CountTokens(forwarded, timeout=context.time_remaining())
+            return await self.pool.stub(picked[0].address).CountTokens(forwarded, timeout=context.time_remaining(),
+                                                                       metadata=self.pool.metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
@@ -400,12 +420,14 @@ class RouterServicer(pb_grpc.InferenceServicer):
             max_context = 0
             if picked is not None:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                    info = await self.pool.stub(picked[0].address).Info(wpb.InfoRequest(), timeout=INFO_TIMEOUT_S)
+                    info = await self.pool.stub(picked[0].address).Info(wpb.InfoRequest(), timeout=INFO_TIMEOUT_S,
+                                                                        metadata=self.pool.metadata)
                     max_context = info.max_context
             out.append(pb.ModelInfo(name=name, max_context=max_context))
         return pb.ListModelsResponse(models=out)
 
 
+_CLOSED = object()  # the client half-closed its side of a Chat stream
 EOS_TOKEN_ID = 2  # Llama-2's </s>; worker/server.py appends it the same way to close a reply in the history
 
 
@@ -422,11 +444,12 @@ class _ChatSession:
 
 
 async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
-                       ) -> tuple[grpc.aio.Server, int, Callable[[], Awaitable[None]]]:
+                       ) -> tuple[grpc.aio.Server, int, Callable[..., Awaitable[None]]]:
     """Build and start the router (and an embedded redis-server when config.redis_url is None).
 
     `pool` (default: one from config.workers) is started here and stopped by cleanup; pass one to watch its health.
-    Returns the started server, its bound port and an async cleanup that stops everything it started."""
+    Returns the started server, its bound port and an async `cleanup(grace_s=config.drain_grace_s)` that drains
+    (health NOT_SERVING, no new calls, in-flight ones get up to grace_s to finish) and stops everything it started."""
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:
@@ -439,6 +462,7 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     tiers = TierSource(config.tiers_path, config.tier_check_interval_s)
     if pool is None:
         pool = WorkerPool(from_spec(config.workers, config.discovery_interval_s))
+    pool.metadata = token_metadata(config.internal_token)
     await pool.start()
     last_known = (LastKnownKeys(config.auth_stale_s)
                   if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
@@ -446,15 +470,33 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     servicer = RouterServicer(config, pool, auth, limiter, tiers)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    health = RouterHealth(pool)
+    health.add_to_server(server)
+    reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert is not None:
+        credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
     await server.start()
-    log.info("router_started", port=port, workers=config.workers, embedded_redis=embedded is not None)
+    await health.start()
+    log.info("router_started", port=port, workers=config.workers, embedded_redis=embedded is not None,
+             tls=config.tls_cert is not None, internal_token=config.internal_token is not None)
 
-    async def cleanup(grace_s: float = 1.0) -> None:
-        await server.stop(grace_s)
+    async def cleanup(grace_s: float | None = None) -> None:
+        grace = config.drain_grace_s if grace_s is None else grace_s
+        await health.drain()
+        log.info("router_draining", grace_s=grace)
+        await server.stop(grace)
+        await servicer.settle_pending()
+        await health.stop()
         await pool.stop()
         await client.aclose()
         if embedded is not None:
             embedded.close()
+        log.info("router_stopped")
 
     return server, port, cleanup

@@ -94,6 +94,7 @@ class WorkerPool:
         self._rng = rng or random.Random()
         self._jitter = random.Random()
         self._workers: dict[str, _Worker] = {}
+        self.metadata: tuple[tuple[str, str], ...] = ()  # sent on every worker call (the internal token)
         self._refresh_task: asyncio.Task | None = None
 
     # ---- lifecycle
@@ -218,8 +219,8 @@ class WorkerPool:
 
     async def _fetch(self, w: _Worker) -> None:
         """Info and a first Load, before a worker counts as healthy."""
-        info = await w.stub.Info(wpb.InfoRequest(), timeout=self.health_timeout_s)
-        load = await w.stub.Load(wpb.LoadRequest(), timeout=self.health_timeout_s)
+        info = await w.stub.Info(wpb.InfoRequest(), timeout=self.health_timeout_s, metadata=self.metadata)
+        load = await w.stub.Load(wpb.LoadRequest(), timeout=self.health_timeout_s, metadata=self.metadata)
         if w.info is None or w.info.model != info.model:
             log.info("worker_info", address=w.address, model=info.model, max_context=info.max_context,
                      kv_capacity_tokens=info.kv_capacity_tokens, max_num_seqs=info.max_num_seqs,
@@ -242,6 +243,9 @@ class WorkerPool:
                         self._set_serving(w, False, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
                 self._set_serving(w, False, "watch_ended")
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("worker_refused_internal_token", address=w.address,
+                              hint="router and worker must share the same internal token")
                 self._set_serving(w, False, exc.code().name)
             except Exception:  # keep watching whatever went wrong; the worker stays unhealthy meanwhile
                 log.exception("health_watch_error", address=w.address)
@@ -257,7 +261,7 @@ class WorkerPool:
             if not w.serving:
                 continue
             try:
-                load = await w.stub.Load(wpb.LoadRequest(), timeout=self.health_timeout_s)
+                load = await w.stub.Load(wpb.LoadRequest(), timeout=self.health_timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as exc:
                 log.debug("load_failed", address=w.address, code=exc.code().name)
                 continue

@@ -15,12 +15,14 @@ import structlog
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
+from worker.internal_auth import InternalTokenInterceptor
 from worker.kv_cache import BlockManager
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
@@ -172,11 +174,16 @@ class Worker:
 
 
 def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    token = worker.config.internal_token
+    interceptors = [InternalTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(worker.service), server)
     wpb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker.service, worker.info), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
@@ -202,7 +209,7 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(port_file)
-    log.info("worker_serving", port=port, model=config.served_model_name)
+    log.info("worker_serving", port=port, model=config.served_model_name, internal_token=bool(config.internal_token))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -31,6 +33,7 @@ class WorkerConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     drain_timeout_s: float = 30.0
     log_level: str = "info"
+    internal_token: str | None = field(default=None, repr=False)  # secret: calls must carry it (worker.internal_auth)
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--internal-token-file", type=Path, default=None,
+                   help=f"require this token from callers (default ${INTERNAL_TOKEN_ENV}; neither = no token)")
     return p
 
 
@@ -94,4 +99,5 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         default_max_new_tokens=args.default_max_new_tokens,
         num_threads=args.num_threads,
         log_level=args.log_level,
+        internal_token=read_internal_token(args.internal_token_file),
     )

@@ -293,6 +293,8 @@ def test_unavailable_worker_before_first_token_is_retried(workers, dead_address)
     """A worker that refuses the connection is swapped for another one before any token was sent."""
 
     class FakePool:
+        metadata = ()
+
         def __init__(self, channels):
             self.channels = channels
             self.picked = []
