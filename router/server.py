@@ -54,6 +54,15 @@ class TierMissing(ServiceError):
     status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class WorkerLost(ServiceError):
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+# Worker failures after the first event that mean "the replica went away", not a verdict on the request.
+WORKER_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                               grpc.StatusCode.CANCELLED})
+
+
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value and len(value) <= 96:
@@ -187,45 +196,45 @@ class RouterServicer(pb_grpc.InferenceServicer):
             job.deadline_unix_ms = int((time.time() + remaining) * 1000)
         return job
 
-    async def _events(self, job: wpb.Job, context, *, address: str | None = None,
+    async def _events(self, job: wpb.Job, context, *, prefer: str | None = None,
                       requests: asyncio.Queue | None = None,
                       on_address: Callable[[str], None] | None = None) -> AsyncIterator[wpb.WorkerEvent]:
         """Run one job on a worker and yield its events. Before the first event an UNAVAILABLE worker is swapped
-        for another (up to config.retry_attempts times) unless `address` pins the worker. `requests` (optional)
-        feeds later messages (Cancel) to the worker stream; None there half-closes it."""
+        for another (up to config.retry_attempts times). `prefer` names the worker to try first while it is healthy
+        (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the worker stream; None there
+        half-closes it. `on_address` learns which worker produced the first event. A worker lost after the first
+        event is reported as UNAVAILABLE (WorkerLost)."""
         tried: set[str] = set()
-        attempts = 1 if address is not None else self.config.retry_attempts + 1
+        attempts = self.config.retry_attempts + 1
         pending = job.parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         for attempt in range(attempts):
-            if address is None:
-                picked = self.pool.pick(job.model, frozenset(tried))
-                if picked is None:
-                    raise NoHealthyWorker("no healthy worker for the model")
-                target = picked[0].address
-            else:
-                target = address
+            picked = self.pool.pick(job.model, frozenset(tried), prefer=prefer)
+            if picked is None:
+                raise NoHealthyWorker("no healthy worker for the model" if not tried else
+                                      f"no healthy worker could take the request ({len(tried)} tried)")
+            target = picked[0].address
             tried.add(target)
-            try:
-                stub, lease = self.pool.stub(target), self.pool.acquire(target, pending)
-            except KeyError as exc:
-                raise NoHealthyWorker("the session's worker is gone") from exc
-
-            remaining = context.time_remaining()
-            call = stub.Generate(_outbound(job, requests), timeout=remaining,
+            stub, lease = self.pool.stub(target), self.pool.acquire(target, pending)
+            call = stub.Generate(_outbound(job, requests), timeout=context.time_remaining(),
                                  metadata=(("x-request-id", job.request_id), *self.pool.metadata))
-            started = False
+            streamed = 0
             try:
                 async for event in call:
-                    if not started:
-                        started = True
-                        if on_address is not None:
-                            on_address(target)
+                    if streamed == 0 and on_address is not None:
+                        on_address(target)
+                    streamed += 1
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and not started and attempt + 1 < attempts:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and not streamed and attempt + 1 < attempts:
                     log.warning("worker_retry", request_id=job.request_id, worker=target, attempt=attempt + 1)
                     continue
+                if streamed and code in WORKER_LOST_CODES:
+                    log.warning("worker_lost_mid_stream", request_id=job.request_id, worker=target,
+                                code=code.name, events=streamed)
+                    raise WorkerLost("the worker serving this request failed after it had started streaming; "
+                                     "retry the request") from exc
                 raise from_rpc_error(exc) from exc
             finally:
                 call.cancel()
@@ -320,7 +329,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         record = await self._authenticate(context)
         base = _request_id(context)
         inbox = Outbox()  # client requests (unmerged) and the current turn's worker events (index 0, coalesced)
-        session = _ChatSession()
+        session = _ChatSession(request_id=base)
 
         async def read() -> None:
             try:
@@ -331,7 +340,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
         async def pump(job: wpb.Job, outbound: asyncio.Queue) -> None:
             try:
-                async for event in self._events(job, context, address=session.address, requests=outbound,
+                async for event in self._events(job, context, prefer=session.address, requests=outbound,
                                                 on_address=session.pin):
                     inbox.put_event(0, event)
             except Exception as exc:
@@ -433,6 +442,7 @@ EOS_TOKEN_ID = 2  # Llama-2's </s>; worker/server.py appends it the same way to 
 
 @dataclass
 class _ChatSession:
+    request_id: str = ""
     model: str = ""
     address: str | None = None
     num_turns: int = 0
@@ -440,6 +450,8 @@ class _ChatSession:
     generated: list[int] = field(default_factory=list)
 
     def pin(self, address: str) -> None:
+        if self.address is not None and address != self.address:
+            log.info("chat_session_moved", request_id=self.request_id, turn=self.num_turns, worker=address)
         self.address = address
 
 

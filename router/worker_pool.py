@@ -147,9 +147,16 @@ class WorkerPool:
         now = time.monotonic()
         return [self._state(self._workers[a], now) for a in sorted(self._workers)]
 
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> tuple[WorkerState, grpc.aio.Channel] | None:
-        """Choose a healthy worker for `model` (power of two choices), with its channel; None if none fits."""
-        chosen = balancer.pick(self.snapshot(), model, self._rng, exclude)
+    def pick(self, model: str, exclude: frozenset[str] = frozenset(), prefer: str | None = None,
+             ) -> tuple[WorkerState, grpc.aio.Channel] | None:
+        """Choose a healthy worker for `model`, with its channel; None if none fits. `prefer` (a Chat session's
+        worker, which holds its KV cache) wins while it is healthy and not excluded; otherwise power of two choices."""
+        states = self.snapshot()
+        if prefer is not None and prefer not in exclude:
+            for state in states:
+                if state.address == prefer and state.is_healthy and state.model == model:
+                    return state, self._workers[prefer].channel
+        chosen = balancer.pick(states, model, self._rng, exclude)
         if chosen is None:
             return None
         return chosen, self._workers[chosen.address].channel

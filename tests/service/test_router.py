@@ -299,7 +299,7 @@ def test_unavailable_worker_before_first_token_is_retried(workers, dead_address)
             self.channels = channels
             self.picked = []
 
-        def pick(self, model, exclude=frozenset()):
+        def pick(self, model, exclude=frozenset(), prefer=None):
             for address in (dead_address, workers[0].address):
                 if address not in exclude:
                     self.picked.append(address)
@@ -356,10 +356,55 @@ def test_router_main_serves_until_sigterm(workers, tmp_path):
             proc.wait()
 
 
-def test_killing_one_worker_keeps_serving(stub, keys, workers):
-    workers[1].proc.kill()
-    workers[1].proc.wait()
+def _served_by(worker_logs, request_id: str) -> list[int]:
+    """Indexes of the workers whose log shows `request_id` finished or aborted."""
+    return [i for i, path in enumerate(worker_logs)
+            if any(f'"{request_id}"' in line and ('"request_finished"' in line or '"request_aborted"' in line)
+                   for line in path.read_text(errors="replace").splitlines())]
+
+
+def test_worker_deaths_chat_moves_generate_retries_mid_stream_loss_is_unavailable(stub, keys, workers, worker_logs):
+    """Runs last: kills both workers. (1) A Chat session whose worker dies between turns continues on the other
+    worker (the router carries the transcript). (2) Requests keep landing on the live worker. (3) A stream whose
+    worker dies after its first token ends with UNAVAILABLE saying so."""
+    turn_done = threading.Event()
+    killed = []
+
+    def gen():
+        yield pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="hi")], parameters=PARAMS))
+        assert turn_done.wait(30)
+        deadline = time.monotonic() + 10
+        while not (served := _served_by(worker_logs, "chat-move/0")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers[served[0]].proc.kill()
+        workers[served[0]].proc.wait()
+        killed.append(served[0])
+        yield pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="more")],
+                                              parameters=PARAMS))
+
+    ends = []
+    for event in stub.Chat(gen(), metadata=(*_auth(keys["pro"]), ("x-request-id", "chat-move")), timeout=60):
+        if event.HasField("end"):
+            ends.append(event.end)
+            turn_done.set()
+    assert len(ends) == 2 and ends[1].usage.completion_tokens > 0
+    survivor = 1 - killed[0]
+    assert _served_by(worker_logs, "chat-move/1") == [survivor]
+    # the second turn's prompt still holds the first turn: the transcript moved with the session
+    assert ends[1].usage.prompt_tokens > ends[0].usage.prompt_tokens + ends[0].usage.completion_tokens
+
     req = pb.GenerateRequest(inputs=["a", "b", "c", "d"], parameters=PARAMS)
     for _ in range(4):  # whether or not the pool has noticed yet, requests land on the live worker
         resp = stub.Generate(req, metadata=_auth(keys["pro"]), timeout=30)
         assert all(o.usage.completion_tokens > 0 for o in resp.outputs)
+
+    long = pb.SamplingParameters(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    stream = stub.GenerateStream(pb.GenerateRequest(inputs=["go"], parameters=long), metadata=_auth(keys["pro"]),
+                                 timeout=60)
+    next(stream)
+    workers[survivor].proc.kill()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "after it had started streaming" in err.value.details()
