@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,8 @@ from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
+from worker.faults import FaultPlan
+from worker.heartbeat import Heartbeat
 from worker.internal_auth import InternalTokenInterceptor
 from worker.kv_cache import BlockManager
 from worker.model.loader import load_hf_config, load_model
@@ -31,6 +33,7 @@ from worker.sequence import SamplingParams
 from worker.server import InferenceServicer, WorkerServicer
 from worker.service import InferenceService
 from worker.tokenizer import Tokenizer
+from worker.tp.group import RankGroup, check_tp_config
 from worker.validation import Limits
 
 log = structlog.get_logger("worker.app")
@@ -66,10 +69,14 @@ class CacheLayout:
     bytes_per_token: int
     max_context: int  # min(model's context, pool capacity)
 
+    def with_num_blocks(self, num_blocks: int) -> CacheLayout:
+        """The same layout shrunk to num_blocks (what every tensor-parallel rank can hold)."""
+        return replace(self, num_blocks=num_blocks, max_context=min(self.max_context, num_blocks * self.block_size))
+
 
 def plan_kv_cache(config: WorkerConfig, hf_config, dtype: torch.dtype, device: torch.device) -> CacheLayout:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    num_kv_heads = hf_config.num_key_value_heads or hf_config.num_attention_heads
+    num_kv_heads = (hf_config.num_key_value_heads or hf_config.num_attention_heads) // config.tp_size  # this rank's
     bytes_per_token = 2 * hf_config.num_hidden_layers * num_kv_heads * head_dim * dtype.itemsize
     model_context = int(hf_config.max_position_embeddings)
     useful_tokens = config.max_num_seqs * model_context
@@ -77,6 +84,8 @@ def plan_kv_cache(config: WorkerConfig, hf_config, dtype: torch.dtype, device: t
         tokens = config.kv_cache_tokens
     else:
         budget = int(_available_memory_bytes(device) * config.kv_memory_fraction)
+        if device.type == "cpu":
+            budget //= config.tp_size  # the ranks share the host's memory
         tokens = min(budget // bytes_per_token, useful_tokens)
     num_blocks = tokens // config.block_size
     if num_blocks < 1:
@@ -94,20 +103,30 @@ class Worker:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.heartbeat = Heartbeat(config.run_dir, 0) if config.run_dir else None
         started = time.monotonic()
         hf_config = load_hf_config(config.model_dir)
-        model = load_model(config.model_dir, dtype=self.dtype, device=self.device)
+        check_tp_config(hf_config, config.tp_size, self.device)
+        self.group = RankGroup(config, self.device) if config.tp_size > 1 else None  # spawns ranks 1..N-1
+        tp = self.group.tp if self.group else None
+        model = load_model(config.model_dir, dtype=self.dtype, device=self.device, tp=tp)
         self.layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
+        if self.group:
+            self.layout = self.layout.with_num_blocks(self.group.agree_num_blocks(self.layout.num_blocks))
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self.runner = ModelRunner(
             model,
             num_blocks=self.layout.num_blocks,
             block_size=self.layout.block_size,
-            num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            num_kv_heads=(hf_config.num_key_value_heads or hf_config.num_attention_heads) // config.tp_size,
             head_dim=head_dim,
             num_layers=hf_config.num_hidden_layers,
             dtype=self.dtype,
             device=self.device,
+            tp=tp,
+            plans=self.group.plans if self.group else None,
+            on_group_failure=self.group.abort if self.group else None,
+            heartbeat=self.heartbeat,
         )
         self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
         block_manager = BlockManager(self.layout.num_blocks, self.layout.block_size, config.enable_prefix_caching)
@@ -119,7 +138,12 @@ class Worker:
             ),
             block_manager,
         )
-        self.engine = Engine(scheduler, self.runner, self.tokenizer.decoder, self.tokenizer.eos_token_ids)
+        fault_plan = FaultPlan.parse(config.inject_fault)
+        if fault_plan:
+            log.warning("fault_injection_active", spec=config.inject_fault)
+        self.engine = Engine(scheduler, self.runner, self.tokenizer.decoder, self.tokenizer.eos_token_ids,
+                             faults=fault_plan)
+        self.runner.start_ticker(lambda: self.engine.load)  # no thread unless tensor parallel or heartbeating
         limits = Limits(
             max_context=self.layout.max_context,
             default_max_new_tokens=config.default_max_new_tokens,
@@ -132,7 +156,7 @@ class Worker:
         self.info = wpb.InfoResponse(
             model=config.served_model_name,
             max_context=self.layout.max_context,
-            tp_size=1,
+            tp_size=config.tp_size,
             kv_capacity_tokens=self.layout.num_blocks * self.layout.block_size,
             block_size=self.layout.block_size,
             max_num_seqs=config.max_num_seqs,
@@ -171,6 +195,12 @@ class Worker:
         if not finished:
             raise RuntimeError("warm-up request failed")
         self.engine.scheduler.block_manager.reset_prefix_cache()
+
+    def close(self) -> None:
+        """After engine.stop(): stop the other tensor-parallel ranks (STOP plan) and wait for them."""
+        self.runner.shutdown()
+        if self.group:
+            self.group.close()
 
 
 def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
@@ -225,4 +255,5 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
     worker.engine.stop()
+    worker.close()
     log.info("worker_stopped")

@@ -24,10 +24,18 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _worker(argv: list[str]) -> int:
+    """`llamagrid worker ARGS` = `python -m worker ARGS`; with --supervise (before any `--`) = the supervisor's."""
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if "--supervise" in own:
+        from worker.supervisor.__main__ import main as supervisor_main
+
+        argv = list(argv)
+        argv.remove("--supervise")
+        return supervisor_main(argv)
     from worker.__main__ import main as worker_main
 
-    return worker_main(args.worker_args)
+    return worker_main(argv)
 
 
 def ensure_tiny_model(home: Path = DEFAULT_HOME) -> Path:
@@ -101,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=None)
     t.set_defaults(func=_make_tiny_model)
 
-    w = sub.add_parser("worker", help="run one worker (same flags as python -m worker)", add_help=False)
-    w.add_argument("worker_args", nargs=argparse.REMAINDER)
-    w.set_defaults(func=_worker)
+    # Listed for --help only: main() hands `worker ...` to _worker before argparse sees the worker's flags.
+    sub.add_parser("worker", add_help=False,
+                   help="run one worker (same flags as python -m worker); with --supervise, restart it on failure "
+                        "(llamagrid worker --supervise [supervisor options] -- <worker flags>)")
 
     u = sub.add_parser("up", help="start a local worker (tiny model by default) and stream a demo chat")
     u.add_argument("--model", default=None, help="checkpoint directory (default: the generated tiny model)")
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return _worker(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

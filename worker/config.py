@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker import faults
 from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -34,6 +35,9 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     log_level: str = "info"
     internal_token: str | None = field(default=None, repr=False)  # secret: calls must carry it (worker.internal_auth)
+    tp_size: int = 1  # tensor-parallel ranks in this replica; rank 0 (this process) spawns the others
+    run_dir: Path | None = None  # each rank keeps its heartbeat file rank{r}.heartbeat here (worker.heartbeat)
+    inject_fault: str | None = None  # tests only: worker.faults spec; refused unless LLAMAGRID_ALLOW_FAULT_INJECTION=1
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -52,6 +56,9 @@ class WorkerConfig:
             raise ValueError("kv_memory_fraction must be in (0, 1]")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be at least 1, got {self.tp_size}")
+        faults.require_allowed(self.inject_fault)
 
     @property
     def served_model_name(self) -> str:
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument("--internal-token-file", type=Path, default=None,
                    help=f"require this token from callers (default ${INTERNAL_TOKEN_ENV}; neither = no token)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each; gloo on CPU)")
+    p.add_argument("--run-dir", type=Path, default=None, help="write per-rank heartbeat files here")
+    p.add_argument("--inject-fault", default=None, metavar="SPEC",
+                   help=f"tests only: e.g. oom@step=40,times=3 (needs {faults.ALLOW_ENV}=1; see worker/faults.py)")
     return p
 
 
@@ -100,4 +111,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         num_threads=args.num_threads,
         log_level=args.log_level,
         internal_token=read_internal_token(args.internal_token_file),
+        inject_fault=args.inject_fault,
+        tp_size=args.tp,
+        run_dir=args.run_dir,
     )

@@ -79,6 +79,14 @@ class TextStream:
             piece = piece.removeprefix(b" ")
         return self._release(self._utf8.decode(piece), final=False)
 
+    def replay(self, token_ids: Sequence[int]) -> None:
+        """Feed tokens whose text a client already has (a request resumed on another worker): the stream
+        ends in the state an uninterrupted run had after them, holding back what that run held back (an
+        incomplete character, a possible start of a stop string), so the next push releases exactly what
+        it would have. Their text counts in `text` but is not returned."""
+        for token_id in token_ids:
+            self.push(token_id)
+
     def flush(self) -> str:
         """Release what is held back at the end (an incomplete UTF-8 tail becomes U+FFFD)."""
         if self.stopped:

@@ -1,4 +1,13 @@
-"""The engine loop: one dedicated thread runs schedule -> model step -> update and emits events."""
+"""The engine loop: one dedicated thread runs schedule -> model step -> update and emits events.
+
+Out of memory (torch.OutOfMemoryError from the model step, real or injected): the engine sheds load and
+retries rather than failing requests. Each OOM step frees the prefix cache (and PyTorch's cached CUDA
+memory), preempts the newest half of the running sequences (recompute: they finish later with the same
+tokens) and halves the scheduler's max_num_seqs and token budget; after OOM_RECOVERY_STEPS good steps in
+a row the limits double back towards the configured ones. OOM_MAX_CONSECUTIVE OOM steps in a row (no good
+step between them) mean shedding does not help: the engine logs `engine_oom_exit` and ends the process with
+faults.OOM_EXIT_CODE, for the supervisor to restart the group.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
+import torch
 
 from worker.detokenizer import TextStream, TokenDecoder
 from worker.errors import EngineUnavailable, ServiceError
-from worker.scheduler import Scheduler
-from worker.sequence import FinishReason, SamplingParams, Sequence
+from worker.faults import NO_FAULTS, FaultPlan, exit_for_oom
+from worker.scheduler import ScheduledBatch, Scheduler
+from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 log = structlog.get_logger("worker.engine")
+
+OOM_MAX_CONSECUTIVE = 3  # OOM steps in a row before the process exits for a restart
+OOM_RECOVERY_STEPS = 32  # good steps in a row before shed limits double back
 
 
 @dataclass(slots=True)
@@ -53,6 +67,7 @@ class EngineRequest:
     sink: Sink  # called from the engine thread with each step's events for this request
     deadline: float | None = None  # time.monotonic() value
     is_chat_reply: bool = False  # drop the SentencePiece space before the reply's first word
+    resume_token_ids: list[int] = field(default_factory=list)  # output already streamed by another worker
 
 
 @dataclass(slots=True)
@@ -76,7 +91,8 @@ class LoadSnapshot:
 class Engine:
     """Owns the scheduler and model runner; all model work happens on its thread."""
 
-    def __init__(self, scheduler: Scheduler, runner, decoder: TokenDecoder, eos_token_ids: frozenset[int]):
+    def __init__(self, scheduler: Scheduler, runner, decoder: TokenDecoder, eos_token_ids: frozenset[int],
+                 faults: FaultPlan = NO_FAULTS):
         self.scheduler = scheduler
         self.runner = runner
         self.decoder = decoder
@@ -86,7 +102,13 @@ class Engine:
         self._active: dict[str, _Active] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.num_steps = 0
+        self.faults = faults
+        self.num_steps = 0  # model steps that succeeded
+        self.step_index = 0  # model steps attempted (the fault plan's clock)
+        self.num_oom_steps = 0  # total since start
+        self._oom_streak = 0  # OOM steps in a row
+        self._num_good_steps = 0  # good steps since the limits last changed
+        self._configured_limits = scheduler.config
         self._load = LoadSnapshot(0, 0, scheduler.block_manager.num_free_blocks,
                                   scheduler.block_manager.num_blocks, 0)
 
@@ -141,9 +163,19 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return
-        sampled = self.runner.run(batch)
+        try:
+            self.step_index += 1
+            self.faults.check(self.step_index - 1, rank=0)
+            sampled = self.runner.run(batch)
+        except torch.OutOfMemoryError:
+            self._shed_load(batch)
+            self._publish_load()
+            return
         updated = self.scheduler.update(batch, sampled)
         self.num_steps += 1
+        self._oom_streak = 0
+        if self.scheduler.config != self._configured_limits:
+            self._maybe_restore_limits()
         for seq in updated:
             active = self._active.get(seq.request_id)
             if active is None:
@@ -179,9 +211,21 @@ class Engine:
         if request.request_id in self._active:
             request.sink([ErrorEvent(ServiceError(f"request id {request.request_id!r} already in flight"))])
             return
-        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params, self.eos_token_ids)
+        prompt = list(request.prompt_token_ids)
+        seq = Sequence(request.request_id, prompt, request.params, self.eos_token_ids,
+                       token_ids=prompt + list(request.resume_token_ids))
         stream = self.decoder.stream(request.params.stop, skip_leading_space=request.is_chat_reply)
-        self._active[request.request_id] = _Active(seq, stream, request.sink, request.deadline)
+        active = _Active(seq, stream, request.sink, request.deadline)
+        self._active[request.request_id] = active
+        if request.resume_token_ids:
+            stream.replay(request.resume_token_ids)
+            reason = _resumed_finish_reason(seq, stream)
+            log.info("request_resumed", request_id=request.request_id, num_prompt_tokens=seq.num_prompt_tokens,
+                     num_resume_tokens=seq.num_output_tokens, finished=reason.name if reason else None)
+            if reason is not None:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                self._finish(active)
+                return
         self.scheduler.add(seq)
 
     def _abort(self, request_id: str) -> None:
@@ -231,6 +275,48 @@ class Engine:
             except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
                 log.warning("event_sink_failed", request_id=active.seq.request_id)
 
+    def _shed_load(self, batch: ScheduledBatch) -> None:
+        # the model step ran out of memory; nothing it computed was recorded, so the batch is simply redone
+        self.num_oom_steps += 1
+        self._oom_streak += 1
+        self._num_good_steps = 0
+        scheduler = self.scheduler
+        fields = dict(step=self.step_index - 1, num_seqs=len(batch.entries), num_tokens=batch.num_tokens,
+                      num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+                      oom_streak=self._oom_streak)
+        if self._oom_streak >= OOM_MAX_CONSECUTIVE:
+            log.error("engine_oom_exit", **fields)
+            exit_for_oom()
+            return  # only reached when exit_for_oom is replaced (tests)
+        scheduler.block_manager.reset_prefix_cache()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        keep = max(1, scheduler.num_running // 2)
+        num_preempted = 0
+        while scheduler.num_running > keep:
+            scheduler.preempt_newest()
+            num_preempted += 1
+        limits = scheduler.config
+        scheduler.config = replace(limits, max_num_seqs=max(1, min(limits.max_num_seqs, keep)),
+                                   max_num_batched_tokens=max(1, limits.max_num_batched_tokens // 2))
+        log.warning("engine_oom_shed", **fields, num_preempted=num_preempted,
+                    max_num_seqs=scheduler.config.max_num_seqs,
+                    max_num_batched_tokens=scheduler.config.max_num_batched_tokens)
+
+    def _maybe_restore_limits(self) -> None:
+        self._num_good_steps += 1
+        if self._num_good_steps < OOM_RECOVERY_STEPS:
+            return
+        self._num_good_steps = 0
+        full, now = self._configured_limits, self.scheduler.config
+        self.scheduler.config = replace(
+            now,
+            max_num_seqs=min(full.max_num_seqs, now.max_num_seqs * 2),
+            max_num_batched_tokens=min(full.max_num_batched_tokens, now.max_num_batched_tokens * 2),
+        )
+        log.info("engine_oom_limits_raised", max_num_seqs=self.scheduler.config.max_num_seqs,
+                 max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens)
+
     def _fail_all(self, error: ServiceError) -> None:
         for request_id, active in list(self._active.items()):
             self.scheduler.abort(request_id)
@@ -251,3 +337,14 @@ class Engine:
             num_total_blocks=bm.num_blocks,
             num_pending_tokens=pending,
         )
+
+
+def _resumed_finish_reason(seq: Sequence, stream: TextStream) -> FinishReason | None:
+    """Why a resumed request is already over, checked in the order a step checks its last token."""
+    if seq.token_ids[-1] in seq.eos_token_ids and not seq.params.ignore_eos:
+        return FinishReason.EOS
+    if seq.num_output_tokens >= seq.params.max_new_tokens:
+        return FinishReason.LENGTH
+    if stream.stopped:
+        return FinishReason.STOP
+    return None

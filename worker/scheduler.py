@@ -173,18 +173,23 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]) -> bool:
         # the one place that decides preemption: evict the newest running sequence until seq fits
         while not self.block_manager.can_allocate(seq, num_new_tokens):
-            victim = self.running.pop()
-            self.block_manager.free(victim)
-            victim.num_computed_tokens = 0
-            victim.status = SequenceStatus.PREEMPTED
-            victim.num_preemptions += 1
-            self.num_preemptions += 1
-            self.waiting.appendleft(victim)
+            victim = self.preempt_newest()
             preempted.append(victim)
             if victim is seq:
                 return False
         self.block_manager.allocate(seq, num_new_tokens)
         return True
+
+    def preempt_newest(self) -> Sequence:
+        """Send the newest running sequence back to the front of waiting (recompute); its blocks are freed."""
+        victim = self.running.pop()
+        self.block_manager.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = SequenceStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
 
     @staticmethod
     def _entry(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:

@@ -221,7 +221,8 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
             wall = time.monotonic() + (job.deadline_unix_ms / 1000.0 - time.time())
             deadline = wall if deadline is None else min(deadline, wall)
         return svc.job(prompt, job.parameters, request_id=job.request_id, deadline=deadline,
-                       params_field="job.parameters", is_chat_reply=which == "chat")
+                       params_field="job.parameters", is_chat_reply=which == "chat",
+                       resume_token_ids=job.resume_token_ids, resume_field="job.resume_token_ids")
 
     @handle_stream_errors
     async def Generate(self, request_iterator, context) -> AsyncIterator[wpb.WorkerEvent]:

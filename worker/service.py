@@ -16,7 +16,14 @@ from worker.engine import Engine, EngineRequest, ErrorEvent, Event, FinishEvent,
 from worker.errors import DuplicateRequest, EngineUnavailable, InvalidRequest, ModelNotFound
 from worker.sequence import SamplingParams
 from worker.tokenizer import Tokenizer
-from worker.validation import Limits, check_parameters, check_prompt_length, check_text, resolve_parameters
+from worker.validation import (
+    Limits,
+    check_parameters,
+    check_prompt_length,
+    check_resume_tokens,
+    check_text,
+    resolve_parameters,
+)
 
 log = structlog.get_logger("worker.service")
 
@@ -28,6 +35,7 @@ class Job:
     params: SamplingParams
     deadline: float | None = None  # time.monotonic()
     is_chat_reply: bool = False
+    resume_token_ids: tuple[int, ...] = ()  # output already streamed by another worker (failover)
 
 
 def new_request_id() -> str:
@@ -91,10 +99,14 @@ class InferenceService:
         return list(token_ids)
 
     def job(self, prompt_ids: list[int], params: pb.SamplingParameters, *, request_id: str | None = None,
-            deadline: float | None = None, params_field: str = "parameters", is_chat_reply: bool = False) -> Job:
+            deadline: float | None = None, params_field: str = "parameters", is_chat_reply: bool = False,
+            resume_token_ids: Sequence[int] = (), resume_field: str = "resume_token_ids") -> Job:
         check_parameters(params, self.limits, params_field)
+        check_resume_tokens(resume_token_ids, len(prompt_ids), self.tokenizer.decoder.vocab_size, self.limits,
+                            resume_field)
         sampling = resolve_parameters(params, len(prompt_ids), self.limits, self.tokenizer.defaults)
-        return Job(request_id or new_request_id(), prompt_ids, sampling, deadline, is_chat_reply)
+        return Job(request_id or new_request_id(), prompt_ids, sampling, deadline, is_chat_reply,
+                   tuple(resume_token_ids))
 
     # --- running jobs --------------------------------------------------------------------------
     async def stream(self, job: Job, index: int = 0,
@@ -116,7 +128,8 @@ class InferenceService:
         first_token_at = None
         done = False
         self.engine.submit(
-            EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline, job.is_chat_reply)
+            EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline, job.is_chat_reply,
+                          list(job.resume_token_ids))
         )
         try:
             while not done:
@@ -142,6 +155,7 @@ class InferenceService:
                 request_id=job.request_id,
                 prompt_tokens=event.num_prompt_tokens,
                 completion_tokens=event.num_output_tokens,
+                resumed_tokens=len(job.resume_token_ids),
                 finish_reason=event.finish_reason.name,
                 ttft_ms=round((first_token_at - started) * 1e3, 2) if first_token_at else None,
                 duration_ms=round((now - started) * 1e3, 2),

@@ -69,6 +69,20 @@ def check_prompt_length(num_prompt_tokens: int, limits: Limits, field: str) -> N
         )
 
 
+def check_resume_tokens(resume_token_ids, num_prompt_tokens: int, vocab_size: int, limits: Limits,
+                        field: str) -> None:
+    """Tokens a resumed request already generated: valid ids, and prompt + them within the context."""
+    for i, t in enumerate(resume_token_ids):
+        if t >= vocab_size:
+            raise InvalidRequest(f"{field}[{i}]", f"token id {t} is outside the vocabulary of {vocab_size}")
+    if num_prompt_tokens + len(resume_token_ids) > limits.max_context:
+        raise InvalidRequest(
+            field,
+            f"the prompt's {num_prompt_tokens} tokens plus {len(resume_token_ids)} resumed tokens exceed the "
+            f"model's context of {limits.max_context} tokens",
+        )
+
+
 def resolve_parameters(
     p: pb.SamplingParameters, num_prompt_tokens: int, limits: Limits, defaults: GenerationDefaults
 ) -> SamplingParams:

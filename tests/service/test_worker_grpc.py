@@ -228,6 +228,48 @@ def test_prompt_over_context_names_both_counts(inference, internal):
     assert str(info.max_context) in err.value.details() and "job.token_ids" in err.value.details()
 
 
+def _run_job(internal, job: wpb.Job) -> tuple[list[wpb.WorkerEvent], wpb.Finished]:
+    events = list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=120))
+    assert events[-1].HasField("finished")
+    return [e for e in events if e.HasField("delta")], events[-1].finished
+
+
+@pytest.mark.parametrize("prompt", [dict(text="Once upon a time"),
+                                    dict(chat=wpb.ChatMessages(messages=[pb.ChatMessage(role="user",
+                                                                                        content="Hi there")]))],
+                         ids=["text", "chat"])
+def test_resumed_job_continues_the_stream_exactly(internal, prompt):
+    """Failover: a job carrying the tokens a client already received continues where the stream stopped."""
+    p = params(max_new_tokens=20, temperature=0.8, top_p=0.95, seed=99, ignore_eos=True, stop=["xq"])
+    deltas, full = _run_job(internal, wpb.Job(request_id="resume-full", parameters=p, **prompt))
+    ids = [t for d in deltas for t in d.delta.token_ids]
+    for k in (1, 7, 19, 20):
+        streamed = deltas[:k]  # every delta carries one token until the end
+        assert [t for d in streamed for t in d.delta.token_ids] == ids[:k]
+        job = wpb.Job(request_id=f"resume-{k}", parameters=p, resume_token_ids=ids[:k], **prompt)
+        rest, fin = _run_job(internal, job)
+        assert "".join(d.delta.text for d in streamed + rest) == "".join(d.delta.text for d in deltas)
+        assert ids[:k] + [t for d in rest for t in d.delta.token_ids] == ids
+        assert fin.finish_reason == full.finish_reason
+        assert fin.usage.completion_tokens == full.usage.completion_tokens
+        assert fin.usage.prompt_tokens == full.usage.prompt_tokens
+        assert list(fin.prompt_token_ids) == list(full.prompt_token_ids)
+
+
+def test_bad_resume_tokens_get_invalid_argument(internal):
+    info = internal.Info(wpb.InfoRequest())
+    bad = [
+        wpb.Job(request_id="resume-vocab", text="hi", resume_token_ids=[5, info.vocab_size]),
+        wpb.Job(request_id="resume-long", token_ids=wpb.TokenIds(ids=[1] * 10),
+                resume_token_ids=[5] * (info.max_context - 9)),
+    ]
+    for job in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "job.resume_token_ids" in err.value.details(), err.value.details()
+
+
 @pytest.mark.parametrize(
     "messages, field",
     [

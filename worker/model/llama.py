@@ -193,8 +193,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx, kv_caches)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> [N, vocab]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # hidden: [N, hidden] -> [N, vocab] on tensor-parallel rank 0, None on the others
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)

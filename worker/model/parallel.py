@@ -180,21 +180,26 @@ class VocabParallelEmbedding(nn.Module):
         y = F.embedding((input_ids - self.start) * mine, self.weight)
         return _all_reduce(y * mine.unsqueeze(1), self.tp)
 
-    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits against the (sharded) embedding matrix, gathered to full vocabulary on every rank."""
-        # hidden: [N, embedding_dim] -> [N, num_embeddings]
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits against the (sharded) embedding matrix, gathered to full vocabulary on rank 0 only (the
+        sampler's rank); the other ranks send their slice and get None."""
+        # hidden: [N, embedding_dim] -> [N, num_embeddings] on rank 0
         logits = _chunked_linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         import torch.distributed as dist
 
+        dst = 0 if self.tp.group is None else dist.get_global_rank(self.tp.group, 0)
+        if self.tp.rank != 0:
+            dist.gather(logits.contiguous(), None, dst=dst, group=self.tp.group)
+            return None
         parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-        dist.all_gather(parts, logits.contiguous(), group=self.tp.group)
+        dist.gather(logits.contiguous(), parts, dst=dst, group=self.tp.group)
         return torch.cat(parts, dim=-1)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """An untied output projection sharded over the vocabulary; forward returns full logits."""
+    """An untied output projection sharded over the vocabulary; forward returns full logits on rank 0."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.attend(hidden)

@@ -20,7 +20,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids")
+    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class Job(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     chat: ChatMessages
@@ -37,7 +38,8 @@ class Job(_message.Message):
     deadline_unix_ms: int
     model: str
     history_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
