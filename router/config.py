@@ -35,7 +35,8 @@ class RouterConfig:
     max_auth_failures: int = 10  # per peer per minute, then UNAUTHENTICATED without a lookup
     auth_stale_s: float = 300.0  # fail-open: keys verified this recently keep working while Redis is down (0 = off)
     default_model: str | None = None  # None = the request must name a model
-    retry_attempts: int = 2  # extra tries on another worker before any token was streamed
+    retry_attempts: int = 3  # failovers per request: worker failures before or during its stream (then resumed)
+    failover_wait_s: float = 30.0  # a failed-over request waits this long (or its deadline) for a healthy worker
     drain_grace_s: float = 30.0  # on SIGTERM: in-flight calls get this long to finish
     tls_cert: Path | None = None  # PEM chain for the client port; with tls_key, or neither (plaintext)
     tls_key: Path | None = None
@@ -54,7 +55,7 @@ class RouterConfig:
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not isinstance(self.failure_policy, FailurePolicy):
             raise ValueError(f"failure_policy must be a FailurePolicy, got {self.failure_policy!r}")
-        for name in ("redis_timeout_s", "tier_check_interval_s", "discovery_interval_s"):
+        for name in ("redis_timeout_s", "tier_check_interval_s", "discovery_interval_s", "failover_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.fallback_cooldown_s < 0:
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-stale", type=float, default=d["auth_stale_s"].default,
                    help="fail-open: seconds a verified key keeps working while Redis is down (0 = off)")
     p.add_argument("--default-model", default=None)
-    p.add_argument("--retry-attempts", type=int, default=d["retry_attempts"].default)
+    p.add_argument("--retry-attempts", type=int, default=d["retry_attempts"].default,
+                   help="failovers per request (before or after its first token)")
+    p.add_argument("--failover-wait", type=float, default=d["failover_wait_s"].default,
+                   help="seconds a failed-over request waits for a healthy worker (bounded by its deadline)")
     p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default,
                    help="seconds in-flight calls get to finish after SIGTERM")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for the client port")
@@ -128,6 +132,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         auth_stale_s=args.auth_stale,
         default_model=args.default_model,
         retry_attempts=args.retry_attempts,
+        failover_wait_s=args.failover_wait,
         drain_grace_s=args.drain_grace,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,7 +59,11 @@ class WorkerLost(ServiceError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
-# Worker failures after the first event that mean "the replica went away", not a verdict on the request.
+FAILED_EXCLUDE_S = 1.0  # a worker that failed a job is skipped this long for it (then it may be a restarted one)
+FAILOVER_POLL_S = 0.1  # while waiting for a healthy worker to take a job over
+# Worker call failures that mean "the replica went away" (a dying process resets its streams with INTERNAL or
+# CANCELLED as well as UNAVAILABLE), not a verdict on the request: the job fails over, before or after its first
+# event. A worker's own bug (INTERNAL/UNKNOWN) is bounded by config.retry_attempts like any other failure.
 WORKER_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                                grpc.StatusCode.CANCELLED})
 
@@ -97,6 +102,11 @@ class Quota:
 
     def add_usage(self, usage: pb.Usage) -> None:
         self.used += usage.prompt_tokens + usage.completion_tokens
+
+
+async def _send_metadata(context, metadata: tuple[tuple[str, str], ...]) -> None:
+    with contextlib.suppress(Exception):  # the call may already be over (client gone); nothing to report then
+        await context.send_initial_metadata(metadata)
 
 
 async def _outbound(job: wpb.Job, requests: asyncio.Queue | None) -> AsyncIterator[wpb.WorkerRequest]:
@@ -156,14 +166,23 @@ class RouterServicer(pb_grpc.InferenceServicer):
                      retry_after_s=d.retry_after_s if math.isfinite(d.retry_after_s) else -1)
             raise RateLimited("rate limit exceeded", d.retry_after_s, tuple(violations))
         if send_metadata:
-            await context.send_initial_metadata((
+            # Sent while the worker call starts, not awaited first: gRPC keeps the order of a call's operations,
+            # so the headers still precede the first message.
+            self._background(_send_metadata(context, (
                 ("x-ratelimit-limit-requests", str(d.requests.limit)),
                 ("x-ratelimit-remaining-requests", str(d.requests.remaining)),
                 ("x-ratelimit-remaining-tokens", str(d.tokens.remaining)),
                 ("x-ratelimit-reset-requests", f"{math.ceil(d.requests.reset_after_s * 1000)}ms"),
                 ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"),
-            ))
+            )))
         return Quota(record.key_id, tier, tokens, request_id)
+
+    def _background(self, coro) -> asyncio.Task:
+        """Run `coro` as a task the router keeps (and waits for when it stops)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
 
     def _settle(self, quota: Quota) -> None:
         """Refund what `quota` did not use, in the background: the client's response does not wait for Redis.
@@ -171,9 +190,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if quota.refunded:
             return
         quota.refunded = True
-        task = asyncio.get_running_loop().create_task(self._refund(quota))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._background(self._refund(quota))
 
     async def settle_pending(self) -> None:
         if self._settling:
@@ -190,7 +207,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
     # ---- worker calls
 
     def _job(self, request_id: str, model: str, params: pb.SamplingParameters, context) -> wpb.Job:
+        """A worker job. An unseeded job that may sample gets a seed here, so a failover can resume it exactly."""
         job = wpb.Job(request_id=request_id, model=model, parameters=params)
+        if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0.0):
+            job.parameters.seed = random.getrandbits(62)
         remaining = context.time_remaining()
         if remaining is not None:
             job.deadline_unix_ms = int((time.time() + remaining) * 1000)
@@ -199,43 +219,72 @@ class RouterServicer(pb_grpc.InferenceServicer):
     async def _events(self, job: wpb.Job, context, *, prefer: str | None = None,
                       requests: asyncio.Queue | None = None,
                       on_address: Callable[[str], None] | None = None) -> AsyncIterator[wpb.WorkerEvent]:
-        """Run one job on a worker and yield its events. Before the first event an UNAVAILABLE worker is swapped
-        for another (up to config.retry_attempts times). `prefer` names the worker to try first while it is healthy
-        (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the worker stream; None there
-        half-closes it. `on_address` learns which worker produced the first event. A worker lost after the first
-        event is reported as UNAVAILABLE (WorkerLost)."""
-        tried: set[str] = set()
-        attempts = self.config.retry_attempts + 1
+        """Run one job on a worker and yield its events, failing over when the worker goes away.
+
+        A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before
+        any token the job is simply re-sent; after tokens were streamed it is re-sent with
+        those tokens as `resume_token_ids`, so the new worker continues exactly where the old one stopped (greedy
+        or seeded sampling: the router seeds every unseeded job) and the caller sees one unbroken stream. Up to
+        config.retry_attempts failovers per job; while no other worker is healthy the job waits for one (a
+        restarted replica counts) until its deadline or config.failover_wait_s. `prefer` names the worker to try
+        first while it is healthy (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the
+        worker stream; None there half-closes it. `on_address` learns each worker that starts producing events."""
+        failed: dict[str, float] = {}  # address -> when it failed this job (excluded for FAILED_EXCLUDE_S)
+        failures = 0
+        streamed: list[int] = []
+        wait_until: float | None = None
         pending = job.parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        for attempt in range(attempts):
-            picked = self.pool.pick(job.model, frozenset(tried), prefer=prefer)
+        current = job
+        while True:
+            now = time.monotonic()
+            excluded = frozenset(a for a, t in failed.items() if now - t < FAILED_EXCLUDE_S)
+            picked = self.pool.pick(job.model, excluded, prefer=prefer)
             if picked is None:
-                raise NoHealthyWorker("no healthy worker for the model" if not tried else
-                                      f"no healthy worker could take the request ({len(tried)} tried)")
+                if not failures:
+                    raise NoHealthyWorker("no healthy worker for the model")
+                if wait_until is None:
+                    remaining = context.time_remaining()
+                    wait_until = now + min(self.config.failover_wait_s,
+                                           remaining if remaining is not None else math.inf)
+                if now >= wait_until:
+                    raise NoHealthyWorker(f"no healthy worker could take over the request ({failures} failed)")
+                await asyncio.sleep(FAILOVER_POLL_S)
+                continue
             target = picked[0].address
-            tried.add(target)
-            stub, lease = self.pool.stub(target), self.pool.acquire(target, pending)
-            call = stub.Generate(_outbound(job, requests), timeout=context.time_remaining(),
+            stub, lease = self.pool.stub(target), self.pool.acquire(target, pending - len(streamed))
+            call = stub.Generate(_outbound(current, requests), timeout=context.time_remaining(),
                                  metadata=(("x-request-id", job.request_id), *self.pool.metadata))
-            streamed = 0
+            started = False
             try:
                 async for event in call:
-                    if streamed == 0 and on_address is not None:
-                        on_address(target)
-                    streamed += 1
+                    if not started:
+                        started = True
+                        if on_address is not None:
+                            on_address(target)
+                    if event.HasField("delta"):
+                        streamed.extend(event.delta.token_ids)
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and not streamed and attempt + 1 < attempts:
-                    log.warning("worker_retry", request_id=job.request_id, worker=target, attempt=attempt + 1)
-                    continue
-                if streamed and code in WORKER_LOST_CODES:
-                    log.warning("worker_lost_mid_stream", request_id=job.request_id, worker=target,
-                                code=code.name, events=streamed)
-                    raise WorkerLost("the worker serving this request failed after it had started streaming; "
-                                     "retry the request") from exc
-                raise from_rpc_error(exc) from exc
+                if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on
+                    raise from_rpc_error(exc) from exc
+                failures += 1
+                failed[target] = time.monotonic()
+                if failures > self.config.retry_attempts:
+                    log.warning("worker_failover_exhausted", request_id=job.request_id, worker=target,
+                                code=code.name, failures=failures)
+                    raise WorkerLost(f"the request's worker failed {failures} times (the last: {code.name}); "
+                                     "retry it") from exc
+                log.warning("worker_failover", request_id=job.request_id, worker=target, code=code.name,
+                            failures=failures, resumed_tokens=len(streamed))
+                if streamed:
+                    current = wpb.Job()
+                    current.CopyFrom(job)
+                    current.resume_token_ids.extend(streamed)
+                    if current.deadline_unix_ms == 0 and context.time_remaining() is not None:
+                        current.deadline_unix_ms = int((time.time() + context.time_remaining()) * 1000)
+                wait_until = None
             finally:
                 call.cancel()
                 lease.release()

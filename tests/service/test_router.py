@@ -105,7 +105,7 @@ def router(redis_server, workers, keys, tmp_path_factory):
     tiers = tmp_path_factory.mktemp("tiers") / "tiers.toml"
     tiers.write_text(TIERS)
     config = RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_server.url,
-                          tiers_path=tiers, redis_timeout_s=0.5)
+                          tiers_path=tiers, redis_timeout_s=0.5, failover_wait_s=2.0)
     with router_in_thread(config, num_workers=2, probe_key=keys["pro"]) as address:
         yield address
 
@@ -366,7 +366,8 @@ def _served_by(worker_logs, request_id: str) -> list[int]:
 def test_worker_deaths_chat_moves_generate_retries_mid_stream_loss_is_unavailable(stub, keys, workers, worker_logs):
     """Runs last: kills both workers. (1) A Chat session whose worker dies between turns continues on the other
     worker (the router carries the transcript). (2) Requests keep landing on the live worker. (3) A stream whose
-    worker dies after its first token ends with UNAVAILABLE saying so."""
+    worker dies after its first token, with no worker left to resume it on, ends with UNAVAILABLE saying so once
+    config.failover_wait_s has passed."""
     turn_done = threading.Event()
     killed = []
 
@@ -407,4 +408,4 @@ def test_worker_deaths_chat_moves_generate_retries_mid_stream_loss_is_unavailabl
     with pytest.raises(grpc.RpcError) as err:
         list(stream)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "after it had started streaming" in err.value.details()
+    assert "no healthy worker could take over" in err.value.details()

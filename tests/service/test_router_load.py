@@ -1,0 +1,743 @@
+"""The router under load and faults: real routers, real worker processes, real redis-servers, real gRPC sockets.
+
+Two tiny workers serve the whole module. Routers are started per test (on their own event loop in a thread), with
+a WorkerPool the test keeps a handle on, so health as the router sees it can be read without guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos.llamagrid.v1 import inference_pb2 as pb
+from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+from ratelimit.limiter import connect
+from ratelimit.policy import FailurePolicy
+from ratelimit.redis_server import RedisServer
+from router.config import RouterConfig
+from router.discovery import from_spec
+from router.keys import ApiKeyStore
+from router.server import estimate_text
+from router.worker_pool import WorkerPool
+from tests.service.router_harness import auth
+from worker.launch import start_worker
+
+WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
+NO_REFILL = 0.001  # units per minute: nothing refills within a test
+TIERS = f"""
+[tiers.pro]
+requests_per_minute = 60000
+tokens_per_minute = 100000000
+
+[tiers.steady]  # plenty, without refill: its request bucket is a hash that stays in Redis
+requests_per_minute = {NO_REFILL}
+request_burst = 1000000
+tokens_per_minute = 100000000
+
+[tiers.burst]  # 20 requests, then nothing
+requests_per_minute = {NO_REFILL}
+request_burst = 20
+tokens_per_minute = 100000000
+
+[tiers.tokens]  # 21 tokens, then nothing
+requests_per_minute = {NO_REFILL}
+request_burst = 1000
+tokens_per_minute = {NO_REFILL}
+token_burst = 21
+
+[tiers.limited]  # 3 requests, then nothing
+requests_per_minute = {NO_REFILL}
+request_burst = 3
+tokens_per_minute = 100000000
+
+[tiers.meter]  # large buckets that do not refill: every charge shows exactly
+requests_per_minute = {NO_REFILL}
+request_burst = 1000
+tokens_per_minute = {NO_REFILL}
+token_burst = 1000000
+"""
+SHORT = pb.SamplingParameters(max_new_tokens=1, temperature=0.0)
+SMALL = pb.SamplingParameters(max_new_tokens=4, temperature=0.0)
+LONG = pb.SamplingParameters(max_new_tokens=2000, temperature=0.0, ignore_eos=True)  # seconds on the tiny model
+HEALTH_TIMEOUT_S = 2.0  # the test routers' pools drop a worker whose Load stops answering this long
+
+
+# ---- module fixtures: two workers, two redis-servers, a tier file
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def outage_redis():
+    """A persistent redis-server (append-only file, fsync always) that the outage tests kill and restart."""
+    server = RedisServer(persistent=True)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def worker_logs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("load-worker-logs")
+    return [base / f"worker{i}.stderr" for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_model_dir, worker_logs):
+    def start(path):
+        with open(path, "wb") as log:
+            return start_worker(tiny_model_dir, *WORKER_ARGS, stderr=log)
+
+    with ThreadPoolExecutor(2) as ex:
+        procs = list(ex.map(start, worker_logs))
+    yield procs
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.proc.pid, signal.SIGCONT)  # in case a failed test left one stopped
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda p: p.stop(), procs))
+
+
+@pytest.fixture(scope="module")
+def tiers_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("load-tiers") / "tiers.toml"
+    path.write_text(TIERS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker_stubs(workers):
+    channels = [grpc.insecure_channel(w.address) for w in workers]
+    yield [wpb_grpc.WorkerStub(ch) for ch in channels]
+    for ch in channels:
+        ch.close()
+
+
+# ---- helpers
+
+
+@dataclass(frozen=True)
+class Key:
+    plaintext: str
+    key_id: str
+
+
+def new_keys(redis_url: str, specs: dict[str, str]) -> dict[str, Key]:
+    """One fresh key per name (name -> tier), with its key id (the rate-limit key)."""
+
+    async def make():
+        client = connect(redis_url, timeout_s=2.0)
+        try:
+            store = ApiKeyStore(client)
+            out = {}
+            for name, tier in specs.items():
+                record, plaintext = await store.create(f"load-{name}", tier, [])
+                out[name] = Key(plaintext, record.key_id)
+            return out
+        finally:
+            await client.aclose()
+
+    return asyncio.run(make())
+
+
+@dataclass
+class RouterHandle:
+    address: str
+    pool: WorkerPool
+    loop: asyncio.AbstractEventLoop
+
+    def healthy(self) -> dict[str, bool]:
+        """Worker address -> healthy, as the router's pool sees it now (read on the router's own loop)."""
+
+        async def read():
+            return {s.address: s.is_healthy for s in self.pool.snapshot()}
+
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
+
+    def wait_quiet(self, timeout_s: float = 10.0) -> None:
+        """Until the pool's last polled Load of every worker shows nothing running, waiting or pending."""
+        async def quiet():
+            return all(s.num_running == s.num_waiting == s.num_pending_tokens == s.num_in_flight == 0
+                       for s in self.pool.snapshot())
+
+        deadline = time.monotonic() + timeout_s
+        while not asyncio.run_coroutine_threadsafe(quiet(), self.loop).result(5):
+            assert time.monotonic() < deadline, "the router's view of the workers never became idle"
+            time.sleep(0.05)
+
+    def wait_health(self, address: str, healthy: bool, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.healthy().get(address) != healthy:
+            assert time.monotonic() < deadline, f"the router never saw {address} healthy={healthy}"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve_router(config: RouterConfig, *, num_workers: int, timeout_s: float = 30.0) -> Iterator[RouterHandle]:
+    """router.server.build_router on a fresh event loop in a thread, with a WorkerPool whose health timeout is
+    HEALTH_TIMEOUT_S; yields once `num_workers` workers are healthy. Stops it (and its pool) on exit."""
+    from router.server import build_router
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    state: dict = {}
+
+    async def main():
+        cleanup = None
+        try:
+            pool = WorkerPool(from_spec(config.workers), health_timeout_s=HEALTH_TIMEOUT_S)
+            _, port, cleanup = await build_router(config, pool)
+            if num_workers and not await pool.wait_healthy(num_workers, timeout_s=timeout_s):
+                raise AssertionError(f"{num_workers} workers never became healthy")
+            state.update(port=port, pool=pool, stop=asyncio.Event())
+        except BaseException as exc:
+            state["error"] = exc
+            if cleanup is not None:
+                await cleanup()
+            return
+        finally:
+            started.set()
+        await state["stop"].wait()
+        await cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(timeout_s + 15), "router did not start"
+    if "error" in state:
+        thread.join(15)
+        raise state["error"]
+    try:
+        yield RouterHandle(f"127.0.0.1:{state['port']}", state["pool"], loop)
+    finally:
+        loop.call_soon_threadsafe(state["stop"].set)
+        thread.join(15)
+        if not thread.is_alive():
+            loop.close()
+
+
+def router_config(redis_url: str, workers: str, tiers_path, **overrides) -> RouterConfig:
+    return RouterConfig(port=0, workers=workers, redis_url=redis_url, tiers_path=tiers_path,
+                        **{"redis_timeout_s": 0.5, **overrides})
+
+
+@dataclass
+class Outcome:
+    router: int
+    code: grpc.StatusCode
+    initial: dict = field(default_factory=dict)
+    trailing: dict = field(default_factory=dict)
+    response: pb.GenerateResponse | None = None
+    details: str = ""
+
+
+async def _generate_many(addresses: list[str], key: str, request: pb.GenerateRequest, n: int,
+                         timeout_s: float = 60.0) -> list[Outcome]:
+    """`n` concurrent Generate calls, call i on router i % len(addresses)."""
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    try:
+        stubs = [pb_grpc.InferenceStub(ch) for ch in channels]
+
+        async def one(i: int) -> Outcome:
+            which = i % len(stubs)
+            call = stubs[which].Generate(request, metadata=auth(key), timeout=timeout_s)
+            try:
+                response = await call
+                return Outcome(which, grpc.StatusCode.OK, dict(await call.initial_metadata()), response=response)
+            except grpc.aio.AioRpcError as exc:
+                return Outcome(which, exc.code(), trailing=dict(exc.trailing_metadata() or ()), details=exc.details())
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+def generate_many(addresses, key, request, n, timeout_s=60.0) -> list[Outcome]:
+    return asyncio.run(_generate_many(addresses, key, request, n, timeout_s))
+
+
+def _code(fn) -> grpc.StatusCode:
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+class SteadyLoad:
+    """A thread sending small Generate calls back to back; records (started, ended, code) per call."""
+
+    def __init__(self, address: str, key: str, timeout_s: float = 10.0) -> None:
+        self.results: list[tuple[float, float, grpc.StatusCode]] = []
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(address)
+        stub = pb_grpc.InferenceStub(self._channel)
+        request = pb.GenerateRequest(inputs=["steady"], parameters=SHORT)
+
+        def loop():
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                code = _code(lambda: stub.Generate(request, metadata=auth(key), timeout=timeout_s))
+                self.results.append((t0, time.monotonic(), code))
+                time.sleep(0.01)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._channel.close()
+        assert not self._thread.is_alive(), "a call of the steady load hung"
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, grpc.StatusCode]]:
+        return [r for r in self.results if r[0] >= start and r[1] <= end]
+
+
+def redis_ms(url: str) -> float:
+    with redis.Redis.from_url(url) as client:
+        seconds, micros = client.time()
+        return seconds * 1000 + micros / 1000
+
+
+def bucket_field(url: str, key_id: str, bucket: str, name: str) -> float | None:
+    with redis.Redis.from_url(url) as client:
+        raw = client.hget(f"rl:{{{key_id}}}:{bucket}", name)
+    return None if raw is None else float(raw)
+
+
+def worker_of(request_ids: list[str], worker_logs, timeout_s: float = 15.0) -> dict[str, int]:
+    """request id -> index of the worker that logged its request_finished (waits until every one is logged)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {}
+        for index, path in enumerate(worker_logs):
+            finished = [ln for ln in path.read_text(errors="replace").splitlines() if '"request_finished"' in ln]
+            for rid in request_ids:
+                if any(f'"{rid}"' in ln for ln in finished):
+                    found[rid] = index
+        if len(found) == len(request_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def loads(worker_stubs) -> list[wpb.LoadResponse]:
+    return [s.Load(wpb.LoadRequest(), timeout=5) for s in worker_stubs]
+
+
+def wait_idle(worker_stubs, timeout_s: float = 5.0) -> list[wpb.LoadResponse]:
+    """Until both workers run nothing and every KV block is free again (cached-but-unused blocks count as free)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = loads(worker_stubs)
+        if all(x.num_running == 0 and x.num_waiting == 0 and x.num_free_blocks == x.num_total_blocks for x in now):
+            return now
+        assert time.monotonic() < deadline, f"workers did not give their KV blocks back: {now}"
+        time.sleep(0.05)
+
+
+# ---- 2. many clients on two routers sharing one Redis
+
+
+def test_two_routers_admit_exactly_the_request_burst(redis_server, workers, tiers_path):
+    keys = new_keys(redis_server.url, {"burst": "burst"})
+    config = router_config(redis_server.url, ",".join(w.address for w in workers), tiers_path)
+    with serve_router(config, num_workers=2) as r1, serve_router(config, num_workers=2) as r2:
+        request = pb.GenerateRequest(inputs=["x"], parameters=SHORT)
+        outcomes = generate_many([r1.address, r2.address], keys["burst"].plaintext, request, 60)
+        admitted = [o for o in outcomes if o.code == grpc.StatusCode.OK]
+        denied = [o for o in outcomes if o.code != grpc.StatusCode.OK]
+        assert len(admitted) == 20, [(o.code, o.details) for o in denied if
+                                     o.code != grpc.StatusCode.RESOURCE_EXHAUSTED]
+        # every admission debited the one shared bucket once, atomically: the remaining counts are 19..0
+        remaining = sorted(int(o.initial["x-ratelimit-remaining-requests"]) for o in admitted)
+        assert remaining == list(range(20))
+        for o in denied:
+            assert o.code == grpc.StatusCode.RESOURCE_EXHAUSTED, o.details
+            assert int(o.trailing["retry-after-ms"]) > 0
+        assert {o.router for o in denied} == {0, 1}
+        # no refill: one more call on either router is still refused
+        again = generate_many([r2.address, r1.address], keys["burst"].plaintext, request, 2)
+        assert [o.code for o in again] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+def test_two_routers_admit_exactly_the_token_burst(redis_server, workers, tiers_path):
+    keys = new_keys(redis_server.url, {"tokens": "tokens"})
+    config = router_config(redis_server.url, ",".join(w.address for w in workers), tiers_path)
+    request = pb.GenerateRequest(inputs=["x"], parameters=SHORT)
+    cost = estimate_text("x", SHORT)
+    assert cost == 2  # 21 tokens fit 10 such requests, with 1 token left over
+    with serve_router(config, num_workers=2) as r1, serve_router(config, num_workers=2) as r2:
+        outcomes = generate_many([r1.address, r2.address], keys["tokens"].plaintext, request, 40)
+    admitted = [o for o in outcomes if o.code == grpc.StatusCode.OK]
+    assert len(admitted) == 10
+    for o in admitted:  # nothing was refunded (usage >= the reservation), so no refund could admit an 11th
+        usage = o.response.outputs[0].usage
+        assert usage.prompt_tokens + usage.completion_tokens >= cost
+    assert sorted(int(o.initial["x-ratelimit-remaining-tokens"]) for o in admitted) == list(range(1, 21, 2))
+    for o in outcomes:
+        if o.code != grpc.StatusCode.OK:
+            assert o.code == grpc.StatusCode.RESOURCE_EXHAUSTED, o.details
+            assert int(o.trailing["retry-after-ms"]) > 0
+    # the request bucket was not debited by the 30 refusals: both or neither
+    level = bucket_field(redis_server.url, keys["tokens"].key_id, "req", "tokens")
+    assert 990 <= level < 990.01
+
+
+# ---- 3. Redis killed and restarted under load
+
+
+def test_fail_open_serves_through_a_redis_outage_then_uses_redis_again(outage_redis, workers, tiers_path):
+    keys = new_keys(outage_redis.url, {"pro": "steady", "lim_a": "limited", "lim_b": "limited"})
+    config = router_config(outage_redis.url, ",".join(w.address for w in workers), tiers_path,
+                           failure_policy=FailurePolicy.FAIL_OPEN, redis_timeout_s=0.05, fallback_cooldown_s=0.2)
+    request = pb.GenerateRequest(inputs=["x"], parameters=SHORT)
+    with serve_router(config, num_workers=2) as router, grpc.insecure_channel(router.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        def call(key: Key) -> grpc.StatusCode:
+            return _code(lambda: stub.Generate(request, metadata=auth(key.plaintext), timeout=10))
+
+        # with Redis up: both limited keys spend their 3 requests in Redis (and become known to the router)
+        for name in ("lim_a", "lim_b"):
+            assert [call(keys[name]) for _ in range(4)] == [grpc.StatusCode.OK] * 3 + [
+                grpc.StatusCode.RESOURCE_EXHAUSTED]
+        with SteadyLoad(router.address, keys["pro"].plaintext) as load:
+            time.sleep(0.3)
+            outage_redis.kill()
+            killed_at = time.monotonic()
+            try:
+                time.sleep(0.6)
+                # lim_a's Redis bucket is empty, but the router's local bucket for it is full: fail-open admits
+                # 3 more on local buckets, and the local bucket still enforces the tier
+                codes = [call(keys["lim_a"]) for _ in range(4)]
+                time.sleep(0.3)
+            finally:
+                restarted_before = time.monotonic()
+                outage_redis.start()
+            restart_ms = redis_ms(outage_redis.url)
+            assert codes == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+            # the router goes back to Redis by itself: the steady load's request bucket is written again
+            deadline = time.monotonic() + 15
+            while (bucket_field(outage_redis.url, keys["pro"].key_id, "req", "ts") or 0) < restart_ms:
+                assert time.monotonic() < deadline, "the router never wrote to Redis again after it restarted"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        # lim_b was exhausted in Redis before the outage and not used since: only Redis' state can refuse it
+        assert call(keys["lim_b"]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(keys["lim_a"]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(keys["pro"]) == grpc.StatusCode.OK
+    assert load.results and all(code == grpc.StatusCode.OK for _, _, code in load.results), \
+        {str(c) for _, _, c in load.results}
+    during = load.between(killed_at, restarted_before)
+    assert len(during) >= 3, "the steady load made no progress during the outage"
+
+
+def test_fail_closed_refuses_fast_during_a_redis_outage_and_recovers(outage_redis, workers, tiers_path):
+    keys = new_keys(outage_redis.url, {"pro": "pro"})
+    config = router_config(outage_redis.url, ",".join(w.address for w in workers), tiers_path,
+                           failure_policy=FailurePolicy.FAIL_CLOSED, redis_timeout_s=0.05, fallback_cooldown_s=0.2)
+    request = pb.GenerateRequest(inputs=["x"], parameters=SHORT)
+    with serve_router(config, num_workers=2) as router, grpc.insecure_channel(router.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        stub.Generate(request, metadata=auth(keys["pro"].plaintext), timeout=10)
+        with SteadyLoad(router.address, keys["pro"].plaintext) as load:
+            time.sleep(0.3)
+            outage_redis.kill()
+            killed_at = time.monotonic()
+            try:
+                time.sleep(0.5)
+                probes = []
+                for _ in range(5):
+                    t0 = time.monotonic()
+                    code = _code(lambda: stub.Generate(request, metadata=auth(keys["pro"].plaintext), timeout=10))
+                    probes.append((code, time.monotonic() - t0))
+                time.sleep(0.3)
+            finally:
+                restarted_before = time.monotonic()
+                outage_redis.start()
+            deadline = time.monotonic() + 15
+            while _code(lambda: stub.Generate(request, metadata=auth(keys["pro"].plaintext), timeout=10)) != \
+                    grpc.StatusCode.OK:
+                assert time.monotonic() < deadline, "requests never succeeded again after Redis restarted"
+                time.sleep(0.05)
+            recovered_at = time.monotonic()
+            time.sleep(0.3)
+        for code, took in probes:
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert took < 1.0, f"a refusal took {took:.3f} s"
+        during = load.between(killed_at + 0.3, restarted_before)
+        assert during, "the steady load made no progress during the outage"
+        assert all(code == grpc.StatusCode.UNAVAILABLE and end - start < 1.0 for start, end, code in during)
+        after = [r for r in load.results if r[0] >= recovered_at]
+        assert after and all(code == grpc.StatusCode.OK for _, _, code in after)
+        assert [_code(lambda: stub.Generate(request, metadata=auth(keys["pro"].plaintext), timeout=10))
+                for _ in range(3)] == [grpc.StatusCode.OK] * 3
+
+
+# ---- the main router over both workers (tests 4, 6, 7, 8)
+
+
+@pytest.fixture(scope="module")
+def main_router(redis_server, workers, tiers_path):
+    config = router_config(redis_server.url, ",".join(w.address for w in workers), tiers_path)
+    with serve_router(config, num_workers=2) as router:
+        yield router
+
+
+@pytest.fixture(scope="module")
+def pro_key(redis_server):
+    return new_keys(redis_server.url, {"pro": "pro"})["pro"]
+
+
+@pytest.fixture(scope="module")
+def stub(main_router):
+    with grpc.insecure_channel(main_router.address) as ch:
+        yield pb_grpc.InferenceStub(ch)
+
+
+# ---- 8. CountTokens and ListModels are free
+
+
+def test_count_tokens_and_list_models_are_not_charged(stub, redis_server):
+    key = new_keys(redis_server.url, {"meter": "meter"})["meter"]
+    md = auth(key.plaintext)
+    request = pb.GenerateRequest(inputs=["hello there"], parameters=SMALL)
+    reserved = estimate_text("hello there", SMALL)
+
+    first, call = stub.Generate.with_call(request, metadata=md, timeout=30)
+    h1 = dict(call.initial_metadata())
+    fields = [(b, f) for b in ("req", "tok") for f in ("tokens", "ts")]
+    before = {bf: bucket_field(redis_server.url, key.key_id, *bf) for bf in fields}
+    for _ in range(15):
+        assert stub.CountTokens(pb.CountTokensRequest(text="hello there"), metadata=md, timeout=10).count > 0
+        assert stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10).models
+    after = {bf: bucket_field(redis_server.url, key.key_id, *bf) for bf in fields}
+    assert after == before  # neither bucket was touched at all (not even a zero-cost check rewrote its timestamp)
+
+    _, call = stub.Generate.with_call(request, metadata=md, timeout=30)
+    h2 = dict(call.initial_metadata())
+    used = first.outputs[0].usage.prompt_tokens + first.outputs[0].usage.completion_tokens
+    refund = max(reserved - used, 0)
+    assert int(h1["x-ratelimit-remaining-requests"]) == 999
+    assert int(h2["x-ratelimit-remaining-requests"]) == 998
+    assert int(h1["x-ratelimit-remaining-tokens"]) == 1_000_000 - reserved
+    assert int(h2["x-ratelimit-remaining-tokens"]) == int(h1["x-ratelimit-remaining-tokens"]) - reserved + refund
+
+
+# ---- 7. chat turns reuse the earlier turns' KV blocks
+
+
+def test_chat_turns_reuse_cached_blocks(stub, pro_key):
+    params = pb.SamplingParameters(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    opening = f"session {uuid.uuid4().hex}: " + "tell me a long story about the cat and the dog " * 3
+    turns = [opening, "and then what happened next?", "how does it end?"]
+    turn_done = threading.Event()
+
+    def requests():
+        for i, text in enumerate(turns):
+            if i:
+                assert turn_done.wait(30)
+                turn_done.clear()
+            yield pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content=text)],
+                                                  parameters=params))
+
+    ends = []
+    for event in stub.Chat(requests(), metadata=auth(pro_key.plaintext), timeout=60):
+        if event.HasField("end"):
+            ends.append(event.end)
+            turn_done.set()
+    assert [e.finish_reason for e in ends] == [pb.LENGTH] * 3
+    usage = [e.usage for e in ends]
+    assert usage[0].cached_prompt_tokens == 0  # a fresh session: nothing to reuse
+    for prev, cur in zip(usage, usage[1:], strict=False):
+        seen = prev.prompt_tokens + prev.completion_tokens  # the previous turn's prompt and reply
+        assert cur.prompt_tokens > seen
+        # every full 16-token block of what the worker computed last turn is served from its cache
+        assert seen - 16 <= cur.cached_prompt_tokens <= cur.prompt_tokens, (prev, cur)
+        assert cur.cached_prompt_tokens % 16 == 0
+
+
+# ---- 6. deadlines and cancels reach the worker, which gives its KV blocks back
+
+
+def _running_somewhere(worker_stubs, timeout_s: float = 5.0) -> wpb.LoadResponse:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [x for x in loads(worker_stubs) if x.num_running >= 1 and x.num_free_blocks < x.num_total_blocks]
+        if busy:
+            return busy[0]
+        assert time.monotonic() < deadline, "the long request never showed up on a worker"
+        time.sleep(0.02)
+
+
+def test_client_deadline_frees_the_workers_kv_blocks(stub, pro_key, worker_stubs):
+    wait_idle(worker_stubs)
+    stream = stub.GenerateStream(pb.GenerateRequest(inputs=["go on and on"], parameters=LONG),
+                                 metadata=auth(pro_key.plaintext), timeout=1.5)
+    next(stream)
+    _running_somewhere(worker_stubs)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(worker_stubs, timeout_s=5.0)
+
+
+def test_client_cancel_frees_the_workers_kv_blocks(stub, pro_key, worker_stubs):
+    wait_idle(worker_stubs)
+    stream = stub.GenerateStream(pb.GenerateRequest(inputs=["go on and on"], parameters=LONG),
+                                 metadata=auth(pro_key.plaintext), timeout=60)
+    next(stream)
+    _running_somewhere(worker_stubs)
+    stream.cancel()
+    wait_idle(worker_stubs, timeout_s=5.0)
+
+
+# ---- 4. balancing spreads load and avoids an unhealthy worker
+
+
+def _stream_many(address: str, key: str, prefix: str, n: int) -> list[str]:
+    """`n` concurrent GenerateStream calls, each with its own x-request-id; all must finish. Returns the job ids."""
+
+    async def run():
+        async with grpc.aio.insecure_channel(address) as ch:
+            s = pb_grpc.InferenceStub(ch)
+            params = pb.SamplingParameters(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+            async def one(i: int):
+                call = s.GenerateStream(pb.GenerateRequest(inputs=[f"story {i}"], parameters=params), timeout=30,
+                                        metadata=(*auth(key), ("x-request-id", f"{prefix}-{i}")))
+                return [c async for c in call]
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    for chunks in asyncio.run(run()):
+        assert chunks[-1].finish_reason == pb.LENGTH and chunks[-1].usage.completion_tokens == 24
+    return [f"{prefix}-{i}/0" for i in range(n)]
+
+
+def test_balancing_spreads_load_and_avoids_a_hung_worker(main_router, pro_key, workers, worker_logs):
+    tag = uuid.uuid4().hex[:8]
+    main_router.wait_quiet()  # the pool's polled Load may still show the previous test's long request
+    ids = _stream_many(main_router.address, pro_key.plaintext, f"spread-{tag}", 12)
+    placed = worker_of(ids, worker_logs)
+    assert len(placed) == 12
+    counts = [list(placed.values()).count(i) for i in (0, 1)]
+    assert min(counts) >= 3, f"concurrent requests were not spread over both workers: {counts}"
+
+    hung = workers[1]
+    os.kill(hung.proc.pid, signal.SIGSTOP)
+    try:
+        main_router.wait_health(hung.address, False)  # its Load stops answering: dropped after the health timeout
+        ids = _stream_many(main_router.address, pro_key.plaintext, f"avoid-{tag}", 8)
+        placed = worker_of(ids, worker_logs)
+        assert placed == {rid: 0 for rid in ids}
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)
+    main_router.wait_health(hung.address, True)  # answers again: back in rotation by itself
+    main_router.wait_quiet()
+    ids = _stream_many(main_router.address, pro_key.plaintext, f"back-{tag}", 12)
+    placed = worker_of(ids, worker_logs)
+    assert len(placed) == 12 and set(placed.values()) == {0, 1}
+
+
+# ---- 5. retry before the first token, with a real failing worker process
+
+
+class FailingWorker(wpb_grpc.WorkerServicer):
+    """Speaks the worker contract, reports SERVING and a real worker's Info, fails every Generate with UNAVAILABLE
+    before sending anything."""
+
+    def __init__(self, info: wpb.InfoResponse) -> None:
+        self.info = info
+        self.generate_calls = 0
+        self._lock = threading.Lock()
+
+    def Generate(self, request_iterator, context):
+        first = next(request_iterator)
+        assert first.HasField("job")
+        with self._lock:
+            self.generate_calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker: engine unavailable")
+
+    def Info(self, request, context):
+        return self.info
+
+    def Load(self, request, context):
+        blocks = self.info.kv_capacity_tokens // max(self.info.block_size, 1)
+        return wpb.LoadResponse(num_free_blocks=blocks, num_total_blocks=blocks)
+
+    def CountTokens(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker: engine unavailable")
+
+
+@pytest.fixture(scope="module")
+def failing_worker(worker_stubs):
+    fake = FailingWorker(worker_stubs[0].Info(wpb.InfoRequest(), timeout=10))
+    server = grpc.server(ThreadPoolExecutor(16))
+    wpb_grpc.add_WorkerServicer_to_server(fake, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_unavailable_before_the_first_token_is_retried_on_another_worker(failing_worker, workers, redis_server,
+                                                                         tiers_path, pro_key):
+    fake, fake_address = failing_worker
+    config = router_config(redis_server.url, f"{fake_address},{workers[0].address}", tiers_path)
+    with serve_router(config, num_workers=2) as router:
+        request = pb.GenerateRequest(inputs=["a", "b", "c", "d"], parameters=SMALL)
+        outcomes = generate_many([router.address], pro_key.plaintext, request, 8)
+        with grpc.insecure_channel(router.address) as ch:
+            chunks = list(pb_grpc.InferenceStub(ch).GenerateStream(request, metadata=auth(pro_key.plaintext),
+                                                                   timeout=30))
+    for o in outcomes:
+        assert o.code == grpc.StatusCode.OK, o.details
+        assert all(out.usage.completion_tokens == 4 for out in o.response.outputs)
+    assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1, 2, 3]
+    assert fake.generate_calls > 0, "the failing worker was never tried, so the retry path did not run"
+
+
+def test_only_a_failing_worker_gives_unavailable(failing_worker, redis_server, tiers_path, pro_key):
+    fake, fake_address = failing_worker
+    config = router_config(redis_server.url, fake_address, tiers_path, retry_attempts=1)
+    with serve_router(config, num_workers=1) as router, grpc.insecure_channel(router.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        calls_before = fake.generate_calls
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(inputs=["a", "b"], parameters=SMALL), metadata=auth(pro_key.plaintext),
+                          timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "worker" in err.value.details()  # says the workers failed, not some unrelated error
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(pb.GenerateRequest(inputs=["a"], parameters=SMALL),
+                                     metadata=auth(pro_key.plaintext), timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert fake.generate_calls > calls_before
