@@ -42,6 +42,20 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge runs of consecutive TokenEvents into one (texts and ids concatenated); other events stay as they are."""
+    if len(events) < 2:
+        return events
+    out: list[Event] = []
+    for event in events:
+        last = out[-1] if out else None
+        if isinstance(event, TokenEvent) and isinstance(last, TokenEvent):
+            out[-1] = TokenEvent(last.text + event.text, last.token_ids + event.token_ids)
+        else:
+            out.append(event)
+    return out
+
+
 class InferenceService:
     """Everything both gRPC contracts need, in one place: prompt building, checks and streaming."""
 
@@ -133,7 +147,10 @@ class InferenceService:
         )
         try:
             while not done:
-                for event in await queue.get():
+                events = await queue.get()
+                while not queue.empty():  # the consumer fell behind: send what piled up as fewer messages
+                    events = events + queue.get_nowait()
+                for event in coalesce(events):
                     if isinstance(event, TokenEvent) and first_token_at is None:
                         first_token_at = time.monotonic()
                     if isinstance(event, FinishEvent | ErrorEvent):
