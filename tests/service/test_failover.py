@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from ratelimit.redis_server import RedisServer, free_port
 from tests.service.router_harness import auth, create_keys
 
@@ -137,20 +139,34 @@ def cluster(tiny_gqa_model_dir, tmp_path_factory):
                 r.stop()
 
 
-async def _run_load(address: str, key: str, requests: list[pb.GenerateRequest], on_progress=None) -> list[tuple]:
-    """All requests at once as GenerateStream calls; returns (token_ids, text, finish_reason, completion_tokens) each.
-    `on_progress(num_with_tokens)` is awaited whenever another request receives its first chunk."""
+class Load:
+    """The outputs of one run, comparable across runs, and per-request timings (not compared)."""
+
+    def __init__(self, outputs: list[tuple], latencies: list[float], max_gaps: list[float]):
+        self.outputs, self.latencies, self.max_gaps = outputs, latencies, max_gaps
+
+
+async def _run_load(address: str, key: str, requests: list[pb.GenerateRequest], on_progress=None,
+                    tag: str = "load") -> Load:
+    """All requests at once as GenerateStream calls (x-request-id `{tag}-{i}`). Outputs are (token_ids, text,
+    finish_reason, completion_tokens) per request. `on_progress(num_with_tokens)` is awaited whenever another
+    request receives its first chunk."""
     started = 0
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.InferenceStub(ch)
 
-        async def one(req: pb.GenerateRequest) -> tuple:
+        async def one(i: int, req: pb.GenerateRequest) -> tuple:
             nonlocal started
             ids, text, fin = [], [], None
-            first = True
-            async for chunk in stub.GenerateStream(req, metadata=auth(key), timeout=300):
-                if first:
-                    first = False
+            t0 = last = time.monotonic()
+            max_gap = 0.0
+            metadata = (*auth(key), ("x-request-id", f"{tag}-{i}"))
+            async for chunk in stub.GenerateStream(req, metadata=metadata, timeout=300):
+                now = time.monotonic()
+                if ids:
+                    max_gap = max(max_gap, now - last)
+                last = now
+                if not ids and chunk.token_ids:
                     started += 1
                     if on_progress is not None:
                         await on_progress(started)
@@ -158,9 +174,30 @@ async def _run_load(address: str, key: str, requests: list[pb.GenerateRequest], 
                 text.append(chunk.text)
                 if chunk.finish_reason:
                     fin = chunk
-            return tuple(ids), "".join(text), fin.finish_reason, fin.usage.completion_tokens
+            output = (tuple(ids), "".join(text), fin.finish_reason, fin.usage.completion_tokens)
+            return output, time.monotonic() - t0, max_gap
 
-        return await asyncio.gather(*(one(r) for r in requests))
+        results = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    return Load([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _resumed_figures(cluster, tag: str, load: Load, reference: Load) -> str:
+    """Which requests of run `tag` the router resumed mid-stream, and what that cost them."""
+    resumed = {int(e["request_id"].split("/")[0].rsplit("-", 1)[1])
+               for e in _router_events(cluster, "worker_failover")
+               if e.get("resumed_tokens") and e["request_id"].startswith(f"{tag}-")}
+    assert resumed, "no request was resumed mid-stream"
+    extra = [load.latencies[i] - reference.latencies[i] for i in resumed]
+    gaps = [load.max_gaps[i] for i in resumed]
+    return (f"{len(resumed)} requests resumed mid-stream; extra end-to-end latency vs the fault-free run p50/p99 "
+            f"{_percentile(extra, 0.5) * 1e3:.0f}/{_percentile(extra, 0.99) * 1e3:.0f} ms; longest pause in their "
+            f"streams p50/p99 {_percentile(gaps, 0.5) * 1e3:.0f}/{_percentile(gaps, 0.99) * 1e3:.0f} ms "
+            f"(fault-free run: p50 {_percentile(reference.max_gaps, 0.5) * 1e3:.0f} ms)")
 
 
 def _wait_routable(cluster, num_models_workers: int = 2, timeout_s: float = 60) -> None:
@@ -181,14 +218,14 @@ def _served_by(replica: Replica) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster):
+def reference(cluster) -> Load:
     _wait_routable(cluster)
-    return asyncio.run(_run_load(cluster["router"], cluster["key"], _requests()))
+    return asyncio.run(_run_load(cluster["router"], cluster["key"], _requests(), tag="reference"))
 
 
 def test_reference_run_is_complete(reference):
-    assert len(reference) == NUM_REQUESTS
-    assert all(len(ids) == n for ids, _, _, n in reference)
+    assert len(reference.outputs) == NUM_REQUESTS
+    assert all(len(ids) == n for ids, _, _, n in reference.outputs)
 
 
 def test_kill_a_tp_rank_mid_load_loses_nothing(cluster, reference):
@@ -203,17 +240,17 @@ def test_kill_a_tp_rank_mid_load_loses_nothing(cluster, reference):
             os.kill(rank1[0], signal.SIGKILL)
             killed["at"] = time.monotonic()
 
-    outputs = asyncio.run(_run_load(cluster["router"], cluster["key"], _requests(), on_progress))
+    load = asyncio.run(_run_load(cluster["router"], cluster["key"], _requests(), on_progress, tag="kill"))
     assert killed, "the load ended before the kill"
-    mismatches = [i for i, (got, want) in enumerate(zip(outputs, reference, strict=True)) if got != want]
+    mismatches = [i for i, (got, want) in enumerate(zip(load.outputs, reference.outputs, strict=True))
+                  if got != want]
     assert not mismatches, f"{len(mismatches)} outputs differ from the fault-free run, e.g. request {mismatches[0]}"
     a.wait_serving(starts=2)
     failed = a.events("group_failed")
     assert failed and failed[-1]["cause"] in ("crash", "killed")
     print(f"\nTP=2 replica back to SERVING {time.monotonic() - killed['at']:.1f} s after kill -9 of rank 1 "
           f"(supervisor: {a.events('group_serving')[-1]['startup_s']} s from restart)")
-    resumed = [e for e in _router_events(cluster, "worker_failover") if e.get("resumed_tokens")]
-    assert resumed, "no request was resumed mid-stream"
+    print(f"kill -9: 0 of {NUM_REQUESTS} requests lost; {_resumed_figures(cluster, 'kill', load, reference)}")
 
 
 def _router_events(cluster, name: str) -> list[dict]:
@@ -234,9 +271,11 @@ def test_repeated_oom_mid_load_loses_nothing(cluster, reference):
     while not [e for e in _router_events(cluster, "worker_healthy") if e["address"] == c.address]:
         assert time.monotonic() < deadline, "the router's pool did not see the replica"
         time.sleep(0.1)
-    outputs = asyncio.run(_run_load(cluster["router"], cluster["key"], _requests()))
-    mismatches = [i for i, (got, want) in enumerate(zip(outputs, reference, strict=True)) if got != want]
+    load = asyncio.run(_run_load(cluster["router"], cluster["key"], _requests(), tag="oom"))
+    mismatches = [i for i, (got, want) in enumerate(zip(load.outputs, reference.outputs, strict=True))
+                  if got != want]
     assert not mismatches, f"{len(mismatches)} outputs differ from the fault-free run, e.g. request {mismatches[0]}"
+    print(f"\nOOM: 0 of {NUM_REQUESTS} requests lost; {_resumed_figures(cluster, 'oom', load, reference)}")
     failed = c.events("group_failed")
     assert failed and failed[0]["cause"] == "oom" and failed[0]["exit_code"] == 86
     c.wait_serving(starts=2)
@@ -245,6 +284,77 @@ def test_repeated_oom_mid_load_loses_nothing(cluster, reference):
         assert time.monotonic() < deadline, "the router's pool did not see the restarted replica"
         time.sleep(0.1)
     before = _served_by(c)
-    asyncio.run(_run_load(cluster["router"], cluster["key"], _requests()[:40]))
+    asyncio.run(_run_load(cluster["router"], cluster["key"], _requests()[:40], tag="after-oom"))
     assert _served_by(c) > before, "the router did not use the restarted replica again"
 
+
+
+def _chat_turns(address: str, key: str, on_delta=None) -> list[tuple]:
+    """Two turns of one Chat session; returns (token_ids, text, finish_reason) per turn."""
+    params = pb.SamplingParameters(max_new_tokens=120, temperature=0.7, seed=77, ignore_eos=True)
+    turn_done = __import__("threading").Event()
+
+    def requests():
+        for content in ("tell me a long story", "and then?"):
+            turn_done.clear()
+            yield pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content=content)],
+                                                  parameters=params))
+            assert turn_done.wait(120)
+
+    turns, ids, text = [], [], []
+    with grpc.insecure_channel(address) as ch:
+        for event in pb_grpc.InferenceStub(ch).Chat(requests(), metadata=auth(key), timeout=300):
+            if event.HasField("delta"):
+                ids.extend(event.delta.token_ids)
+                text.append(event.delta.text)
+                if on_delta is not None:
+                    on_delta(len(turns), len(ids))
+            else:
+                turns.append((tuple(ids), "".join(text), event.end.finish_reason))
+                ids, text = [], []
+                turn_done.set()
+    return turns
+
+
+def test_chat_session_moves_mid_reply_with_its_transcript(cluster):
+    """The worker holding a Chat session dies while streaming a reply: the reply continues on another replica
+    exactly as it would have, and the next turn (with the whole transcript) too."""
+    reference = _chat_turns(cluster["router"], cluster["key"])
+    killed = []
+
+    def on_delta(turn: int, num_ids: int) -> None:
+        if turn == 0 and num_ids >= 20 and not killed:
+            for replica in cluster["replicas"].values():  # the one running the session's only sequence
+                with grpc.insecure_channel(replica.address) as ch:
+                    try:
+                        load = wpb_grpc.WorkerStub(ch).Load(wpb.LoadRequest(), timeout=5)
+                    except grpc.RpcError:
+                        continue
+                if load.num_running:
+                    killed.append((replica, len(replica.events("group_serving"))))
+                    os.kill(replica.events("group_started")[-1]["pids"][0], signal.SIGKILL)
+                    return
+
+    assert _chat_turns(cluster["router"], cluster["key"], on_delta) == reference
+    assert killed, "no replica was found running the session"
+    replica, servings = killed[0]
+    replica.wait_serving(starts=servings + 1)
+
+
+def test_crash_looping_replica_stays_out_and_the_router_keeps_serving(cluster, tmp_path):
+    """A replica whose worker cannot start (a refused configuration) on the port the router lists: the supervisor
+    backs off and gives up; meanwhile and afterwards the router serves from the others."""
+    cluster["replicas"].pop("c").stop()  # its port is the one the router lists for a third replica
+    looping = Replica(tmp_path, "looping", cluster["model"], "--block-size", "3", port=cluster["c_port"])
+    try:
+        load = asyncio.run(_run_load(cluster["router"], cluster["key"], _requests()[:30], tag="looping"))
+        assert all(len(ids) == n for ids, _, _, n in load.outputs)
+        assert looping.proc.wait(60) == 1
+        restarts = looping.events("group_restarting")
+        assert [e["backoff_s"] for e in restarts] == sorted(e["backoff_s"] for e in restarts)
+        assert looping.events("crash_loop")
+        assert not [e for e in _router_events(cluster, "worker_healthy")
+                    if e["address"] == looping.address and e["timestamp"] > looping.events("group_started")[0]
+                    ["timestamp"]]
+    finally:
+        looping.stop()
