@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import types
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -28,8 +27,7 @@ from router.config import RouterConfig
 from router.errors import ServiceError
 from router.keys import ApiKeyStore
 from router.server import RouterServicer
-from tests.service.router_harness import auth, create_keys, router_in_thread
-from worker.launch import start_worker
+from tests.service.router_harness import auth, create_keys, router_in_thread, start_workers
 
 WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
 TIERS = """
@@ -61,12 +59,7 @@ def worker_logs(tmp_path_factory):
 def workers(tiny_model_dir, worker_logs):
     """Two tiny workers (stderr to `worker_logs`); the last test kills the second."""
 
-    def start(path):
-        with open(path, "wb") as log:
-            return start_worker(tiny_model_dir, *WORKER_ARGS, stderr=log)
-
-    with ThreadPoolExecutor(2) as ex:
-        procs = list(ex.map(start, worker_logs))
+    procs = start_workers(tiny_model_dir, worker_logs, *WORKER_ARGS)
     yield procs
     for p in procs:
         p.stop()

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,12 +29,10 @@ from ratelimit.limiter import connect
 from ratelimit.policy import FailurePolicy
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
-from router.discovery import from_spec
 from router.keys import ApiKeyStore
 from router.server import estimate_text
-from router.worker_pool import WorkerPool
-from tests.service.router_harness import auth
-from worker.launch import start_worker
+from tests.service import router_harness
+from tests.service.router_harness import auth, start_workers
 
 WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
 NO_REFILL = 0.001  # units per minute: nothing refills within a test
@@ -103,12 +100,7 @@ def worker_logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workers(tiny_model_dir, worker_logs):
-    def start(path):
-        with open(path, "wb") as log:
-            return start_worker(tiny_model_dir, *WORKER_ARGS, stderr=log)
-
-    with ThreadPoolExecutor(2) as ex:
-        procs = list(ex.map(start, worker_logs))
+    procs = start_workers(tiny_model_dir, worker_logs, *WORKER_ARGS)
     yield procs
     for p in procs:
         with contextlib.suppress(ProcessLookupError):
@@ -159,79 +151,8 @@ def new_keys(redis_url: str, specs: dict[str, str]) -> dict[str, Key]:
     return asyncio.run(make())
 
 
-@dataclass
-class RouterHandle:
-    address: str
-    pool: WorkerPool
-    loop: asyncio.AbstractEventLoop
-
-    def healthy(self) -> dict[str, bool]:
-        """Worker address -> healthy, as the router's pool sees it now (read on the router's own loop)."""
-
-        async def read():
-            return {s.address: s.is_healthy for s in self.pool.snapshot()}
-
-        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
-
-    def wait_quiet(self, timeout_s: float = 10.0) -> None:
-        """Until the pool's last polled Load of every worker shows nothing running, waiting or pending."""
-        async def quiet():
-            return all(s.num_running == s.num_waiting == s.num_pending_tokens == s.num_in_flight == 0
-                       for s in self.pool.snapshot())
-
-        deadline = time.monotonic() + timeout_s
-        while not asyncio.run_coroutine_threadsafe(quiet(), self.loop).result(5):
-            assert time.monotonic() < deadline, "the router's view of the workers never became idle"
-            time.sleep(0.05)
-
-    def wait_health(self, address: str, healthy: bool, timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.healthy().get(address) != healthy:
-            assert time.monotonic() < deadline, f"the router never saw {address} healthy={healthy}"
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def serve_router(config: RouterConfig, *, num_workers: int, timeout_s: float = 30.0) -> Iterator[RouterHandle]:
-    """router.server.build_router on a fresh event loop in a thread, with a WorkerPool whose health timeout is
-    HEALTH_TIMEOUT_S; yields once `num_workers` workers are healthy. Stops it (and its pool) on exit."""
-    from router.server import build_router
-
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state: dict = {}
-
-    async def main():
-        cleanup = None
-        try:
-            pool = WorkerPool(from_spec(config.workers), health_timeout_s=HEALTH_TIMEOUT_S)
-            _, port, cleanup = await build_router(config, pool)
-            if num_workers and not await pool.wait_healthy(num_workers, timeout_s=timeout_s):
-                raise AssertionError(f"{num_workers} workers never became healthy")
-            state.update(port=port, pool=pool, stop=asyncio.Event())
-        except BaseException as exc:
-            state["error"] = exc
-            if cleanup is not None:
-                await cleanup()
-            return
-        finally:
-            started.set()
-        await state["stop"].wait()
-        await cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(timeout_s + 15), "router did not start"
-    if "error" in state:
-        thread.join(15)
-        raise state["error"]
-    try:
-        yield RouterHandle(f"127.0.0.1:{state['port']}", state["pool"], loop)
-    finally:
-        loop.call_soon_threadsafe(state["stop"].set)
-        thread.join(15)
-        if not thread.is_alive():
-            loop.close()
+def serve_router(config: RouterConfig, *, num_workers: int):
+    return router_harness.serve_router(config, num_workers=num_workers, health_timeout_s=HEALTH_TIMEOUT_S)
 
 
 def router_config(redis_url: str, workers: str, tiers_path, **overrides) -> RouterConfig:
