@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from worker.config import build_parser, config_from_args
+from worker.config import ConfigRefused, build_parser, config_from_args
 from worker.logs import configure_logging
 
 
@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, component="worker")
     from worker.app import serve
 
-    asyncio.run(serve(config, args.port_file))
+    try:
+        asyncio.run(serve(config, args.port_file))
+    except ConfigRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

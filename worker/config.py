@@ -12,6 +12,11 @@ from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+class ConfigRefused(ValueError):
+    """A configuration found unusable only once the model is known (e.g. `--tp` that does not divide its heads):
+    `python -m worker` prints it as `error: ...` and exits 2, like a bad flag."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model_dir: Path

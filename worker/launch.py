@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,9 +44,13 @@ def start_worker(model_dir: Path, *args: str, port: int = 0, timeout: float = 30
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_file.exists():
-            return WorkerProcess(proc, int(port_file.read_text()))
+            port = int(port_file.read_text())
+            shutil.rmtree(port_file.parent, ignore_errors=True)
+            return WorkerProcess(proc, port)
         if proc.poll() is not None:
+            shutil.rmtree(port_file.parent, ignore_errors=True)
             raise RuntimeError(f"worker exited with code {proc.returncode} during start-up")
         time.sleep(0.05)
     proc.kill()
+    shutil.rmtree(port_file.parent, ignore_errors=True)
     raise RuntimeError(f"worker did not serve within {timeout} s")

@@ -170,6 +170,7 @@ def test_tp_that_does_not_divide_the_kv_heads_is_refused(tiny_gqa_model_dir, tmp
          "--run-dir", str(tmp_path), *WORKER_ARGS],
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0
-    assert "--tp 4 cannot shard this model: its key/value heads (2) is not divisible by 4" in proc.stderr
+    assert proc.returncode == 2
+    assert "error: --tp 4 cannot shard this model: its key/value heads (2) is not divisible by 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert set(read_heartbeats(tmp_path)) <= {0}  # refused before any other rank started

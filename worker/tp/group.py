@@ -16,6 +16,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from worker.config import ConfigRefused
 from worker.faults import OOM_EXIT_CODE
 from worker.model.parallel import TPInfo
 from worker.tp.plan import PlanChannel
@@ -41,14 +42,14 @@ def check_tp_config(hf_config, tp_size: int, device: torch.device) -> None:
     }
     bad = [f"{what} ({n})" for what, n in dims.items() if n % tp_size]
     if bad:
-        raise ValueError(f"--tp {tp_size} cannot shard this model: its {', '.join(bad)} "
+        raise ConfigRefused(f"--tp {tp_size} cannot shard this model: its {', '.join(bad)} "
                          f"{'is' if len(bad) == 1 else 'are'} not divisible by {tp_size}; choose a "
                          f"tensor-parallel size that divides {', '.join(f'{w} ({n})' for w, n in dims.items())}")
     if device.type == "cuda":
         if device.index not in (None, 0):
-            raise ValueError(f"--tp {tp_size} places rank r on cuda:r; pass --device cuda, not {device}")
+            raise ConfigRefused(f"--tp {tp_size} places rank r on cuda:r; pass --device cuda, not {device}")
         if tp_size > torch.cuda.device_count():
-            raise ValueError(f"--tp {tp_size} needs {tp_size} GPUs (one per rank), "
+            raise ConfigRefused(f"--tp {tp_size} needs {tp_size} GPUs (one per rank), "
                              f"this machine has {torch.cuda.device_count()}")
 
 
