@@ -1,0 +1,389 @@
+"""compose/: the stack's files checked without a Docker engine.
+
+The compose files are validated against the Compose Specification JSON schema (the copy that check-jsonschema
+vendors), then every command is parsed by the project's own argparse parsers (and turned into the real config
+objects, secrets and config files mapped to their sources in compose/), and ports, hosts, volumes, health checks,
+dependencies and GPU reservations are cross-checked. The health probe the image installs is run against a real
+grpc.health.v1 server.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import runpy
+import shlex
+import socket
+import tomllib
+from concurrent import futures
+from importlib.resources import files
+from pathlib import Path
+from urllib.parse import urlparse
+
+import grpc
+import jsonschema
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from router.config import build_parser as router_parser
+from router.config import config_from_args as router_config
+from worker.cli import build_parser as cli_parser
+from worker.config import build_parser as worker_parser
+from worker.config import config_from_args as worker_config
+from worker.supervisor.__main__ import build_parser as supervisor_parser
+from worker.supervisor.__main__ import split_argv
+from worker.supervisor.supervisor import SupervisorConfig, WorkerCommand
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose"
+BASE = COMPOSE / "docker-compose.yml"
+GPU = COMPOSE / "docker-compose.gpu.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PROBE = COMPOSE / "healthcheck.py"
+PROBE_IN_IMAGE = "llamagrid-healthcheck"
+# What the shell of `docker compose` would supply; LLAMAGRID_CHECKPOINT has no default (`:?`) by design.
+ENV = {"LLAMAGRID_CHECKPOINT": "/srv/models/Llama-2-7b-chat-hf"}
+WORKERS = ("worker-1", "worker-2")
+VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(node, env: dict[str, str]):
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR:?error}` interpolation over a parsed file."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m: re.Match) -> str:
+        value = env.get(m["name"])
+        if m["op"] and m["op"].endswith("-"):
+            return value if value else m["arg"]
+        if m["op"] and m["op"].endswith("?"):
+            assert value, f"${{{m['name']}}} is required: {m['arg']}"
+        return value or ""
+
+    return VAR.sub(sub, node)
+
+
+def load(path: Path, env: dict[str, str] = ENV) -> dict:
+    return interpolate(yaml.safe_load(path.read_text()), env)
+
+
+def _target(volume: str | dict) -> str:
+    return volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`docker compose -f base -f override` for the keys these files use: mappings merge, command and
+    healthcheck.test are replaced, volumes merge by container path, other sequences are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key == "volumes" and isinstance(value, list):
+            kept = [v for v in out.get(key, []) if _target(v) not in {_target(o) for o in value}]
+            out[key] = kept + copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stacks() -> dict[str, dict]:
+    base = load(BASE)
+    return {"cpu": base, "gpu": merge(base, load(GPU))}
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def stack(request) -> dict:
+    return stacks()[request.param]
+
+
+def command(service: dict) -> list[str]:
+    cmd = service["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def project_services(stack: dict) -> dict[str, dict]:
+    """The services that run the llamagrid image (Redis runs the upstream one)."""
+    return {name: s for name, s in stack["services"].items() if str(s.get("image", "")).startswith("llamagrid:")}
+
+
+def container_files(stack: dict, service: dict) -> dict[str, Path]:
+    """Container path -> the file in compose/ that a secret or a bind-mounted directory of `service` puts there."""
+    out = {}
+    for secret in service.get("secrets", []):
+        name, target = (secret, f"/run/secrets/{secret}") if isinstance(secret, str) else (
+            secret["source"], secret.get("target", f"/run/secrets/{secret['source']}"))
+        out[target] = COMPOSE / stack["secrets"][name]["file"]
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            for path in (COMPOSE / source).rglob("*"):
+                out[f"{target}/{path.relative_to(COMPOSE / source)}"] = path
+    return out
+
+
+def mapped(args: list[str], paths: dict[str, Path]) -> list[str]:
+    return [str(paths.get(a, a)) for a in args]
+
+
+def parse_worker(argv: list[str]):
+    """`llamagrid worker --supervise [supervisor options] -- <worker args>` -> (supervisor ns, worker args), checked
+    the way worker.cli and the supervisor check them at start-up."""
+    assert argv[:3] == ["llamagrid", "worker", "--supervise"], argv
+    assert "--" in argv, "supervisor options and worker args must be separated by --"
+    own, worker_args = split_argv(argv[3:])
+    ns = supervisor_parser().parse_args(own)
+    SupervisorConfig(backoff_initial_s=ns.backoff_initial, backoff_max_s=ns.backoff_max, stable_after_s=ns.stable_after,
+                     heartbeat_timeout_s=ns.heartbeat_timeout, startup_grace_s=ns.startup_grace,
+                     crash_loop_max_failures=ns.crash_loop_max_failures, crash_loop_window_s=ns.crash_loop_window,
+                     stop_timeout_s=ns.stop_timeout, kill_timeout_s=ns.kill_timeout)
+    command = WorkerCommand.from_args(worker_args)
+    assert command.port == worker_parser().parse_args(worker_args).port != 0, "a fixed port, kept across restarts"
+    return ns, worker_args
+
+
+def parse_router(argv: list[str]):
+    assert argv[:3] == ["python", "-m", "router"], argv
+    return router_parser().parse_args(argv[3:])
+
+
+def health_port(service: dict) -> int:
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == PROBE_IN_IMAGE, test
+    probe = runpy.run_path(str(PROBE))["build_parser"]().parse_args(test[2:])
+    host, _, port = probe.address.rpartition(":")
+    assert host in ("127.0.0.1", "localhost"), "the probe runs inside the service's own container"
+    return int(port)
+
+
+# --- the Compose Specification -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [BASE, GPU], ids=lambda p: p.name)
+def test_files_match_the_compose_specification(schema, path):
+    validator = jsonschema.Draft202012Validator(schema)
+    for doc in (yaml.safe_load(path.read_text()), load(path)):  # as written, and interpolated as compose does
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+
+
+def test_merged_gpu_stack_matches_the_compose_specification(schema):
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(stacks()["gpu"]))
+    assert not errors, [e.message for e in errors]
+
+
+def test_the_schema_check_is_not_vacuous(schema):
+    bad = load(BASE)
+    bad["services"]["router"]["restart"] = 3
+    bad["services"]["router"]["healthchek"] = {}
+    assert len(list(jsonschema.Draft202012Validator(schema).iter_errors(bad))) == 2
+
+
+def test_the_gpu_variant_requires_a_checkpoint():
+    with pytest.raises(AssertionError, match="LLAMAGRID_CHECKPOINT"):
+        load(GPU, env={})
+
+
+# --- commands and ports against the code ---------------------------------------------------------------------
+
+
+def test_services_are_redis_a_router_two_supervised_workers_and_the_model_one_shot():
+    services = stacks()["cpu"]["services"]
+    assert set(services) == {"redis", "model-init", "router", *WORKERS}
+    assert command(services["model-init"])[:2] == ["llamagrid", "make-tiny-model"]
+    assert command(services["router"])[:3] == ["python", "-m", "router"]
+    for name in WORKERS:
+        assert command(services[name])[:3] == ["llamagrid", "worker", "--supervise"]
+
+
+def test_one_image_one_dockerfile(stack):
+    dockerfile = DOCKERFILE.read_text()
+    for name, service in project_services(stack).items():
+        build = service["build"]
+        assert (COMPOSE / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, name
+        for arg in build.get("args", {}):
+            assert re.search(rf"^ARG {arg}=", dockerfile, re.M), f"{name}: build arg {arg} not in the Dockerfile"
+    assert len(project_services(stack)) == 4
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+
+
+def test_dockerfile_installs_the_health_probe_and_the_pinned_cpu_torch():
+    dockerfile = DOCKERFILE.read_text()
+    assert f"install -m 0755 compose/healthcheck.py /usr/local/bin/{PROBE_IN_IMAGE}" in dockerfile
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    pinned = re.search(r"LLAMAGRID_TORCH_VERSION:-([0-9.]+)", setup)[1]
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pinned)}$", dockerfile, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", dockerfile, re.M)
+    assert "COPY . ./" in dockerfile and "RUN pip install . " in dockerfile
+
+
+def test_dockerignore_lets_in_every_package_and_nothing_else():
+    allowed = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {f"!{p}/" for p in packages} <= set(allowed), "a package pip install . needs is kept out of the image"
+    assert {"!pyproject.toml", "!README.md", "!compose/healthcheck.py"} <= set(allowed)
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")]
+    assert lines[0] == "*"  # everything else stays out (.venv, .git, tests, secrets)
+
+
+def test_model_init_writes_the_checkpoint_the_workers_serve():
+    stack = stacks()["cpu"]
+    init = stack["services"]["model-init"]
+    args = cli_parser().parse_args(command(init)[1:])
+    assert args.command == "make-tiny-model"
+    assert init["restart"] == "no"
+    assert "healthcheck" not in init  # a one-shot: the workers wait for it to complete, not to be healthy
+    (init_volume,) = init["volumes"]
+    volume, mount = init_volume.split(":")[:2]
+    assert volume in stack["volumes"] and Path(args.dir).is_relative_to(mount)
+    for name in WORKERS:
+        worker = stack["services"][name]
+        assert worker["depends_on"]["model-init"] == {"condition": "service_completed_successfully"}
+        _, worker_args = parse_worker(command(worker))
+        assert worker_parser().parse_args(worker_args).model == Path(args.dir)
+        assert f"{volume}:{mount}:ro" in worker["volumes"]
+
+
+def test_worker_commands_parse_and_build_a_config(stack):
+    for name in WORKERS:
+        service = stack["services"][name]
+        supervisor, worker_args = parse_worker(command(service))
+        ns = worker_parser().parse_args(worker_args)
+        config = worker_config(worker_parser().parse_args(mapped(worker_args, container_files(stack, service))))
+        assert config.host == "0.0.0.0", f"{name}: a worker in a container must listen on every interface"
+        assert config.internal_token, f"{name}: workers must require the internal token"
+        assert ns.port != 0 and health_port(service) == ns.port, name
+        assert service.get("expose", [str(ns.port)]) == [str(ns.port)]
+        assert "--run-dir" not in worker_args  # the supervisor gives each start its own
+        assert service["restart"] == "unless-stopped" and service["init"] is True
+        # the container outlives the supervisor's own drain timeout before Docker kills it
+        assert float(service["stop_grace_period"].rstrip("s")) > supervisor.stop_timeout
+
+
+def test_router_command_parses_and_builds_a_config(stack):
+    service = stack["services"]["router"]
+    ns = parse_router(command(service))
+    environment = {k: str(v) for k, v in service["environment"].items()}
+    config = router_config(router_parser().parse_args(mapped(command(service)[3:], container_files(stack, service))),
+                           environ=environment)
+    assert config.host == "0.0.0.0" and config.port == ns.port == health_port(service)
+    assert any(str(p).endswith(f":{ns.port}") for p in service["ports"]), "the router is the public entry"
+    assert config.key_pepper and config.internal_token
+    assert service["restart"] == "unless-stopped" and service["init"] is True
+    assert float(service["stop_grace_period"].rstrip("s")) > config.drain_grace_s
+    # the tier file mounted for --tiers is a valid one
+    from ratelimit.tiers import load_tiers
+
+    assert load_tiers(config.tiers_path)
+
+
+def test_router_reaches_redis_and_every_worker(stack):
+    services = stack["services"]
+    router = services["router"]
+    ns = parse_router(command(router))
+    redis_url = urlparse(ns.redis_url)
+    assert redis_url.hostname == "redis" and redis_url.hostname in services
+    assert router["environment"]["LLAMAGRID_REDIS_URL"] == ns.redis_url  # `llamagrid keys` inside the container
+    redis = services["redis"]
+    assert redis["healthcheck"]["test"][-3:] == ["-p", str(redis_url.port), "ping"]
+    assert redis["expose"] == [str(redis_url.port)]
+    assert router["depends_on"]["redis"] == {"condition": "service_healthy"}
+    dns_name, _, dns_port = ns.workers_dns.rpartition(":")
+    for name in WORKERS:
+        _, worker_args = parse_worker(command(services[name]))
+        assert dns_name in services[name]["networks"]["default"]["aliases"], name
+        assert worker_parser().parse_args(worker_args).port == int(dns_port), name
+    # nothing else answers to the workers' name
+    others = [n for n, s in services.items() if n not in WORKERS and dns_name in str(s.get("networks", ""))]
+    assert not others
+
+
+def test_every_long_running_service_has_a_health_check_and_a_restart_policy(stack):
+    for name, service in stack["services"].items():
+        if name == "model-init":
+            continue
+        assert service["restart"] == "unless-stopped", name
+        check = service["healthcheck"]
+        assert check["test"][0] == "CMD" and check["retries"] >= 3 and check["start_period"], name
+
+
+def test_the_dev_secrets_are_marked_and_long_enough():
+    stack = stacks()["cpu"]
+    token = (COMPOSE / stack["secrets"]["internal_token"]["file"]).read_text().strip()
+    assert "dev" in token and "CHANGE-ME" in token and len(token) >= 16
+    assert "CHANGE-ME" in stack["services"]["router"]["environment"]["LLAMAGRID_KEY_PEPPER"]
+    real = load(BASE, env={**ENV, "LLAMAGRID_KEY_PEPPER": "p" * 40, "LLAMAGRID_INTERNAL_TOKEN_FILE": "/srv/token"})
+    assert real["services"]["router"]["environment"]["LLAMAGRID_KEY_PEPPER"] == "p" * 40
+    assert real["secrets"]["internal_token"]["file"] == "/srv/token"
+
+
+def test_cpu_workers_fit_a_laptop():
+    for name in WORKERS:
+        _, worker_args = parse_worker(command(stacks()["cpu"]["services"][name]))
+        ns = worker_parser().parse_args(worker_args)
+        assert ns.device == "auto" and ns.tp == 1 and ns.kv_cache_tokens, name
+        assert "deploy" not in stacks()["cpu"]["services"][name]
+
+
+def test_gpu_replicas_reserve_distinct_gpus_one_per_tensor_parallel_rank():
+    stack = stacks()["gpu"]
+    seen: set[str] = set()
+    for name in WORKERS:
+        service = stack["services"][name]
+        _, worker_args = parse_worker(command(service))
+        ns = worker_parser().parse_args(worker_args)
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        ids = set(device["device_ids"])
+        assert len(ids) == len(device["device_ids"]) == ns.tp == WorkerCommand.from_args(worker_args).num_ranks > 1
+        assert not ids & seen, f"{name} shares GPUs with another replica"
+        seen |= ids
+        assert ns.device == "cuda" and ns.model == Path("/checkpoint")
+        assert f"{ENV['LLAMAGRID_CHECKPOINT']}:/checkpoint:ro" in service["volumes"]
+        assert service["image"] != stack["services"]["router"]["image"]  # same Dockerfile, CUDA torch build arg
+        assert service["build"]["args"]["TORCH_INDEX_URL"] != stacks()["cpu"]["services"][name]["build"]["args"][
+            "TORCH_INDEX_URL"]
+
+
+# --- the health probe ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def health_server():
+    servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_probe_exit_status_follows_the_serving_status(health_server):
+    servicer, address = health_server
+    probe = runpy.run_path(str(PROBE))["main"]
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert probe([address]) == 1
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe([address]) == 0
+    assert probe([address, "--service", "llamagrid.v1.Inference"]) == 1  # unknown service: NOT_FOUND
+    servicer.set("llamagrid.v1.Inference", health_pb2.HealthCheckResponse.SERVING)
+    assert probe([address, "--service", "llamagrid.v1.Inference"]) == 0
+
+
+def test_probe_fails_when_nothing_listens():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert runpy.run_path(str(PROBE))["main"]([f"127.0.0.1:{port}", "--timeout", "0.5"]) == 1
