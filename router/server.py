@@ -440,6 +440,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         history.append(EOS_TOKEN_ID)
                     session.history = history
                     await turn
+                    outbound.put_nowait(None)  # half-close the finished turn's worker stream (ends its reader)
                     turn, outbound = None, None
                     if quota is not None:
                         quota.add_usage(fin.usage)

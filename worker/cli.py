@@ -1,4 +1,5 @@
-"""The `llamagrid` command: make-tiny-model, worker, up (a local worker with a streamed demo)."""
+"""The `llamagrid` command: make-tiny-model, worker, up (a local worker with a streamed demo), keys, and the
+clients generate and chat (llamagrid.cli)."""
 
 from __future__ import annotations
 
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     from router.keys_cli import add_keys_parser
 
     add_keys_parser(sub)
+
+    from llamagrid.cli import add_client_parsers
+
+    add_client_parsers(sub)
     return p
 
 
