@@ -1,5 +1,5 @@
-"""The `llamagrid` command: make-tiny-model, worker, up (a local worker with a streamed demo), keys, and the
-clients generate and chat (llamagrid.cli)."""
+"""The `llamagrid` command: make-tiny-model, worker, up (a whole local cluster with a streamed demo,
+llamagrid.up), keys, and the clients generate and chat (llamagrid.cli)."""
 
 from __future__ import annotations
 
@@ -53,46 +53,12 @@ def ensure_tiny_model(home: Path = DEFAULT_HOME) -> Path:
     return path
 
 
-def _demo(port: int) -> None:
-    import grpc
-
-    from protos.llamagrid.v1 import inference_pb2 as pb
-    from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        turn = pb.ChatTurn(
-            messages=[pb.ChatMessage(role="system", content="You are a helpful assistant."),
-                      pb.ChatMessage(role="user", content="Say hello to the cluster.")],
-            parameters=pb.SamplingParameters(max_new_tokens=32, temperature=0.7, seed=7),
-        )
-        print("demo chat (tiny random model, so the reply is gibberish): ", end="", flush=True)
-        for event in stub.Chat(iter([pb.ChatRequest(turn=turn)])):
-            if event.HasField("delta"):
-                print(event.delta.text, end="", flush=True)
-            else:
-                reason = pb.FinishReason.Name(event.end.finish_reason)
-                print(f"\n[finish={reason} prompt_tokens={event.end.usage.prompt_tokens} "
-                      f"completion_tokens={event.end.usage.completion_tokens}]")
-                break
-
-
 def _up(args: argparse.Namespace) -> int:
-    from worker.launch import start_worker
+    from llamagrid.up import up
 
     model = Path(args.model) if args.model else ensure_tiny_model()
-    worker = start_worker(model, "--log-level", args.log_level, port=args.port, timeout=600)
-    try:
-        print(f"worker serving {model.name} on {worker.address} (llamagrid.v1.Inference)", flush=True)
-        _demo(worker.port)
-        if args.demo_only:
-            return 0
-        print("serving; Ctrl-C stops it", flush=True)
-        return worker.proc.wait() or 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        worker.stop()
+    return up(model, replicas=args.replicas, tp=args.tp, port=args.port, demo_only=args.demo_only,
+              log_level=args.log_level, is_tiny=args.model is None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one worker (same flags as python -m worker); with --supervise, restart it on failure "
                         "(llamagrid worker --supervise [supervisor options] -- <worker flags>)")
 
-    u = sub.add_parser("up", help="start a local worker (tiny model by default) and stream a demo chat")
+    u = sub.add_parser("up", help="a local cluster: embedded Redis, supervised worker replicas, a router, a demo key "
+                                  "and a demo chat through the router; Ctrl-C stops it all")
     u.add_argument("--model", default=None, help="checkpoint directory (default: the generated tiny model)")
-    u.add_argument("--port", type=int, default=50061)
+    u.add_argument("--replicas", type=int, default=2, help="worker replicas, each under its supervisor")
+    u.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    u.add_argument("--port", type=int, default=50051, help="the router's port (0 picks a free one)")
     u.add_argument("--demo-only", action="store_true", help="exit after the demo")
-    u.add_argument("--log-level", default="warning", help="the worker's log level (JSON lines on stderr)")
+    u.add_argument("--log-level", default="info", help="log level of every process (JSON lines in the run dir)")
     u.set_defaults(func=_up)
 
     from router.keys_cli import add_keys_parser
