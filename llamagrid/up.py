@@ -41,14 +41,15 @@ class Cluster:
 
         return {**os.environ, INTERNAL_TOKEN_ENV: self.token, PEPPER_ENV: self.pepper}
 
-    def spawn(self, name: str, argv: list[str]) -> Path:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Path:
         """Start `python argv...` with its stderr in the run directory; returns its port file path."""
         port_file = self.run_dir / f"{name}.port"
         log = open(self.run_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         own = argv.index("--") if "--" in argv else len(argv)  # the supervisor's options end at `--`
         argv = [*argv[:own], "--port-file", str(port_file), *argv[own:]]
-        proc = subprocess.Popen([sys.executable, *argv], env=self.env, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen([sys.executable, *argv], env={**self.env, **(env or {})}, stdout=subprocess.DEVNULL,
+                                stderr=log)
         self.procs.append((name, proc))
         return port_file
 
@@ -139,8 +140,9 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
         worker_args = ["--model", str(model), "--port", "0", "--tp", str(tp), "--log-level", log_level]
         if is_tiny:
             worker_args += ["--kv-cache-tokens", str(TINY_KV_CACHE_TOKENS), "--num-threads", "1"]
+        gpus = _gpu_sets(replicas, tp)
         port_files = {f"worker{i}": cluster.spawn(f"worker{i}", ["-m", "worker.supervisor", "--log-level", log_level,
-                                                                  "--", *worker_args])
+                                                                  "--", *worker_args], env=gpus[i])
                       for i in range(replicas)}
         print(f"starting {replicas} supervised worker replica(s) of {model.name} (tp={tp}), Redis on "
               f"{cluster.redis.url}; logs in {run_dir}", flush=True)
@@ -173,6 +175,19 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
         cluster.stop()
         if not keep_logs:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _gpu_sets(replicas: int, tp: int) -> list[dict[str, str]]:
+    """Per replica, the environment giving it its own `tp` GPUs (CUDA_VISIBLE_DEVICES); nothing without GPUs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [{} for _ in range(replicas)]
+    count = torch.cuda.device_count()
+    if replicas * tp > count:
+        raise SystemExit(f"error: {replicas} replicas x --tp {tp} need {replicas * tp} GPUs; {count} visible "
+                         f"(use --replicas {max(1, count // tp)})")
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(i * tp, (i + 1) * tp))} for i in range(replicas)]
 
 
 def _llamagrid() -> str:
