@@ -187,7 +187,9 @@ def _gpu_sets(replicas: int, tp: int) -> list[dict[str, str]]:
     if replicas * tp > count:
         raise SystemExit(f"error: {replicas} replicas x --tp {tp} need {replicas * tp} GPUs; {count} visible "
                          f"(use --replicas {max(1, count // tp)})")
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(i * tp, (i + 1) * tp))} for i in range(replicas)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(g) for g in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * tp:(i + 1) * tp])} for i in range(replicas)]
 
 
 def _llamagrid() -> str:
