@@ -114,12 +114,15 @@ class Authenticator:
         self.failures = failures if failures is not None else FailureCounter(max_failures)
         self.last_known = last_known
         self.stale_hits = 0
+        self.failure_counts: dict[str, int] = {"missing": 0, "invalid": 0, "blocked": 0}  # read by router.metrics
+        self.backend_errors = 0  # key-store (Redis) failures, read by router.metrics
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> KeyRecord:
         peer = context.peer() or "unknown"
         peer_host = peer.rsplit(":", 1)[0]
         wait = self.failures.blocked_for(peer_host)
         if wait > 0:
+            self.failure_counts["blocked"] += 1
             log.warning("auth_blocked", peer=peer_host, retry_after_s=round(wait, 3))
             raise RateLimited("too many failed authentication attempts", wait,
                               (("peer", "authentication failures per minute"),))
@@ -127,7 +130,9 @@ class Authenticator:
         record = await self._lookup(token) if token is not None else None
         if record is None:
             self.failures.record(peer_host)
-            log.info("auth_failed", peer=peer_host, reason="missing" if token is None else "invalid")
+            reason = "missing" if token is None else "invalid"
+            self.failure_counts[reason] += 1
+            log.info("auth_failed", peer=peer_host, reason=reason)
             raise Unauthenticated("missing or invalid API key")
         return record
 
@@ -136,6 +141,7 @@ class Authenticator:
         try:
             record = await self.store.authenticate(token)
         except (RedisError, OSError, TimeoutError) as exc:
+            self.backend_errors += 1
             stale = self.last_known.recall(token) if self.last_known is not None else None
             if stale is None:
                 log.warning("key_store_unavailable", error=type(exc).__name__)

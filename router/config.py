@@ -23,6 +23,7 @@ class RouterConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off, 0 = any free port
     workers: str = "127.0.0.1:50061"
     discovery_interval_s: float = 5.0
     redis_url: str | None = None  # None = start an embedded redis-server
@@ -46,6 +47,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {self.port!r}")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(
+                self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be None or an integer in 0..65535, got {self.metrics_port!r}")
         if not self.host:
             raise ValueError("host must not be empty")
         if not isinstance(self.workers, str):
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router", description="Public gRPC entry: auth, rate limits, routing.")
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: a free port)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", default=None, help=f"host:port,host:port (default {d['workers'].default})")
     where.add_argument("--workers-dns", default=None, metavar="NAME:PORT",
@@ -119,6 +124,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     return RouterConfig(
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         workers=_workers_spec(args),
         discovery_interval_s=args.discovery_interval,
         redis_url=args.redis_url or env.get(REDIS_URL_ENV) or None,

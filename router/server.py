@@ -38,6 +38,7 @@ from router.errors import (
 )
 from router.health import HEALTH_SERVICE, INFERENCE_SERVICE, RouterHealth
 from router.keys import ApiKeyStore, KeyRecord
+from router.metrics import RouterMetrics, serve_metrics, stop_metrics
 from router.outbox import Outbox
 from router.worker_pool import WorkerPool
 from worker.internal_auth import token_metadata
@@ -127,6 +128,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.auth = auth
         self.limiter = limiter
         self.tiers = tiers
+        self.metrics: RouterMetrics | None = None  # set by build_router when metrics are served
         self._settling: set[asyncio.Task] = set()
 
     # ---- admission
@@ -155,7 +157,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
         try:
             d = await self.limiter.acquire_quota(record.key_id, tier, tokens)
         except LimiterUnavailable as exc:
+            self._decided("unavailable")
             raise LimiterDown("rate-limit backend unavailable") from exc
+        self._decided("limited" if not d.allowed else "allowed_local" if d.degraded else "allowed")
         if not d.allowed:
             violations = []
             if not d.requests.allowed:
@@ -176,6 +180,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"),
             )))
         return Quota(record.key_id, tier, tokens, request_id)
+
+    def _decided(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.ratelimit_decision(outcome)
 
     def _background(self, coro) -> asyncio.Task:
         """Run `coro` as a task the router keeps (and waits for when it stops)."""
@@ -231,6 +239,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         worker stream; None there half-closes it. `on_address` learns each worker that starts producing events."""
         failed: dict[str, float] = {}  # address -> when it failed this job (excluded for FAILED_EXCLUDE_S)
         failures = 0
+        metrics, job_started = self.metrics, time.monotonic()  # time to first token (router.metrics)
         streamed: list[int] = []
         wait_until: float | None = None
         pending = job.parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
@@ -262,7 +271,11 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         if on_address is not None:
                             on_address(target)
                     if event.HasField("delta"):
+                        if metrics is not None and not streamed:
+                            metrics.first_token(job.model, time.monotonic() - job_started)
                         streamed.extend(event.delta.token_ids)
+                    elif metrics is not None and event.HasField("finished"):
+                        metrics.usage(job.model, event.finished.usage)
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
@@ -530,6 +543,12 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
                   if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
     auth = Authenticator(store, config.max_auth_failures, last_known=last_known)
     servicer = RouterServicer(config, pool, auth, limiter, tiers)
+    metrics_http = None
+    if config.metrics_port is not None:
+        servicer.metrics = RouterMetrics(pool, auth, limiter)
+        servicer.rpc_observer = servicer.metrics.rpc_observer  # requests_total etc. via worker.errors' decorators
+        metrics_http = serve_metrics(servicer.metrics.registry, config.host, config.metrics_port)
+        log.info("metrics_serving", port=metrics_http.server_port)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health = RouterHealth(pool)
@@ -559,6 +578,8 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
         await client.aclose()
         if embedded is not None:
             embedded.close()
+        if metrics_http is not None:
+            stop_metrics(metrics_http)
         log.info("router_stopped")
 
     return server, port, cleanup

@@ -26,6 +26,7 @@ from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
 from worker.internal_auth import InternalTokenInterceptor
 from worker.kv_cache import BlockManager
+from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerConfig
@@ -207,8 +208,13 @@ def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server,
     token = worker.config.internal_token
     interceptors = [InternalTokenInterceptor(token)] if token else []
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(worker.service), server)
-    wpb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker.service, worker.info), server)
+    inference, internal = InferenceServicer(worker.service), WorkerServicer(worker.service, worker.info)
+    metrics = getattr(worker, "metrics", None)
+    if metrics is not None:  # requests_total / request_duration_seconds via worker.errors' decorators
+        inference.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[1])
+        internal.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[2])
+    pb_grpc.add_InferenceServicer_to_server(inference, server)
+    wpb_grpc.add_WorkerServicer_to_server(internal, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -228,6 +234,16 @@ async def _set_health(health: HealthServicer, status) -> None:
 async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
     """Load, warm up, serve until SIGTERM/SIGINT, then drain in-flight requests and stop."""
     worker = Worker(config)
+    metrics_http = None
+    if config.metrics_port is not None:
+        worker.metrics = worker.service.metrics = WorkerMetrics(config.served_model_name, worker.service)
+        metrics_http = serve_metrics(worker.metrics.registry, config.host, config.metrics_port)
+        log.info("metrics_serving", port=metrics_http.server_port)
+        if port_file is not None:  # before the port file, so a launcher that sees that one finds this one too
+            metrics_file = Path(f"{port_file}.metrics")
+            tmp = Path(f"{port_file}.metrics.tmp")
+            tmp.write_text(str(metrics_http.server_port))
+            tmp.replace(metrics_file)
     server, port, health = build_server(worker, config.host, config.port)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -256,4 +272,6 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
     await server.stop(grace=1.0)
     worker.engine.stop()
     worker.close()
+    if metrics_http is not None:
+        stop_metrics(metrics_http)
     log.info("worker_stopped")

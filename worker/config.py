@@ -23,6 +23,7 @@ class WorkerConfig:
     model_name: str = ""  # served name; empty = the checkpoint directory's name
     host: str = "127.0.0.1"
     port: int = 50061  # 0 = any free port
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off, 0 = any free port
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     block_size: int = 16
@@ -61,6 +62,8 @@ class WorkerConfig:
             raise ValueError("kv_memory_fraction must be in (0, 1]")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be in 0..65535")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be at least 1, got {self.tp_size}")
         faults.require_allowed(self.inject_fault)
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="", help="served model name (default: the directory name)")
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics here (0 picks a free port, written to <port-file>.metrics)")
     p.add_argument("--device", default=d["device"].default)
     p.add_argument("--dtype", default=d["dtype"].default, choices=DTYPES)
     p.add_argument("--block-size", type=int, default=d["block_size"].default)
@@ -104,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         model_name=args.model_name,
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,

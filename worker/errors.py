@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import time
 
 import grpc
 import structlog
@@ -79,17 +82,49 @@ async def _abort_for(context: grpc.aio.ServicerContext, error: BaseException, me
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+def _status_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, ServiceError):
+        return error.status
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code()
+    return grpc.StatusCode.INTERNAL
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    with contextlib.suppress(Exception):
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _observe(servicer, method, code: grpc.StatusCode, started: float) -> None:
+    """Report one finished call to the servicer's optional `rpc_observer(method_name, code, seconds)` (metrics)."""
+    observer = getattr(servicer, "rpc_observer", None)
+    if observer is not None:
+        with contextlib.suppress(Exception):
+            observer(method.__name__, code, time.monotonic() - started)
+
+
 def handle_errors(method):
     """Decorate a unary grpc.aio handler: ServiceError -> its status; anything else -> INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        started, code = time.monotonic(), grpc.StatusCode.OK
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
+            code = _status_of(e)
             await _abort_for(context, e, method.__name__)
+        finally:
+            _observe(self, method, code, started)
 
     return wrapper
 
@@ -99,12 +134,20 @@ def handle_stream_errors(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        started, code = time.monotonic(), grpc.StatusCode.OK
         try:
             async for item in method(self, request, context):
                 yield item
         except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
+            code = _status_of(e)
             await _abort_for(context, e, method.__name__)
+        finally:
+            _observe(self, method, code, started)
 
     return wrapper

@@ -66,6 +66,7 @@ class InferenceService:
         self.model_name = model_name
         self.is_accepting = False
         self._in_flight: set[str] = set()
+        self.metrics = None  # worker.metrics.WorkerMetrics when --metrics-port is set
 
     @property
     def num_in_flight(self) -> int:
@@ -156,6 +157,8 @@ class InferenceService:
                     if isinstance(event, FinishEvent | ErrorEvent):
                         done = True
                         self._log_end(job, event, started, first_token_at)
+                        if self.metrics is not None:
+                            self.metrics.job_finished(event, started, first_token_at, len(job.resume_token_ids))
                     yield event
         finally:
             self._in_flight.discard(job.request_id)

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT: how long rank 0 may drain before the group is killed")
     p.add_argument("--kill-timeout", type=float, default=d["kill_timeout_s"].default, metavar="S",
                    help="SIGTERM to SIGKILL for what is left of a failed group")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics (restarts by cause) here; 0 picks a free port")
+    p.add_argument("--metrics-host", default=d["metrics_host"].default)
     p.add_argument("--log-level", default="info")
     return p
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             crash_loop_window_s=args.crash_loop_window,
             stop_timeout_s=args.stop_timeout,
             kill_timeout_s=args.kill_timeout,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -16,6 +16,7 @@ import structlog
 from worker.config import build_parser as build_worker_parser
 from worker.supervisor.causes import CRASH, HUNG, Failure, classify_exit
 from worker.supervisor.group import RankGroup, become_subreaper
+from worker.supervisor.metrics import SupervisorMetrics
 from worker.supervisor.policy import Backoff, CrashLoop
 
 log = structlog.get_logger("worker.supervisor")
@@ -36,8 +37,12 @@ class SupervisorConfig:
     stop_timeout_s: float = 40.0  # SIGTERM -> SIGKILL when the supervisor stops (the worker drains 30 s)
     kill_timeout_s: float = 5.0  # SIGTERM -> SIGKILL for what is left of a failed group
     poll_interval_s: float = 0.1
+    metrics_port: int | None = None  # Prometheus /metrics (worker.supervisor.metrics); None = off, 0 = a free port
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics port must be in 0..65535")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError("need 0 < backoff initial <= backoff max")
         if self.crash_loop_max_failures < 1:
@@ -93,15 +98,24 @@ class Supervisor:
         self.is_forced = False  # a second signal: skip the drain
         self.num_starts = 0
         self.group: RankGroup | None = None
+        self.metrics = SupervisorMetrics()
 
     def run(self) -> int:
         """Supervise until told to stop (0) or a crash loop (1)."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         become_subreaper()
         run_root = Path(tempfile.mkdtemp(prefix="llamagrid-supervisor-"))
+        metrics_http = None
+        if self.config.metrics_port is not None:
+            from worker.metrics import serve_metrics
+            metrics_http = serve_metrics(self.metrics.registry, self.config.metrics_host, self.config.metrics_port)
+            log.info("metrics_serving", port=metrics_http.server_port)
         try:
             return self._loop(run_root)
         finally:
+            if metrics_http is not None:
+                from worker.metrics import stop_metrics
+                stop_metrics(metrics_http)
             if self.group is not None:  # only on an unexpected exception: never leave the group behind
                 self.group.signal_group(signal.SIGKILL)
                 self.group.wait_empty(self.config.kill_timeout_s)
@@ -118,6 +132,7 @@ class Supervisor:
     def _loop(self, run_root: Path) -> int:
         while self.stop_signal is None:
             self.num_starts += 1
+            self.metrics.starts.inc()
             run_dir = run_root / f"start-{self.num_starts}"
             self.group = RankGroup.start(self.command.argv(run_dir), run_dir, self.command.num_ranks,
                                          self.command.has_heartbeats, attempt=self.num_starts)
@@ -131,14 +146,17 @@ class Supervisor:
             log.warning("group_failed", attempt=self.num_starts, cause=failure.cause, rank=failure.rank,
                         exit_code=failure.exit_code, signal=failure.signal, heartbeat_age_s=failure.heartbeat_age_s,
                         serving_s=None if serving_s is None else round(serving_s, 2))
+            self.metrics.failed(failure.cause)
             self._tear_down(self.group, failure)
             self.group = None
             shutil.rmtree(run_dir, ignore_errors=True)
             if self.crash_loop.record(time.monotonic()):
                 log.error("crash_loop", attempts=self.num_starts, failures=self.crash_loop.num_recent,
                           window_s=self.config.crash_loop_window_s, last_cause=failure.cause)
+                self.metrics.crash_looped.set(1)
                 return CRASH_LOOP_EXIT_CODE
             if self.stop_signal is None:
+                self.metrics.restarting(failure.cause)
                 delay = self.backoff.next_delay(serving_s)
                 log.info("group_restarting", backoff_s=delay, attempt=self.num_starts + 1,
                          failures_in_window=self.crash_loop.num_recent)
@@ -175,6 +193,7 @@ class Supervisor:
         return None, None
 
     def _on_serving(self, group: RankGroup) -> None:
+        self.metrics.serving.set(1)
         log.info("group_serving", attempt=self.num_starts, startup_s=round(time.monotonic() - group.started_at, 2),
                  port=self.command.port, pids=sorted(group.pids().values()))
         if self.port_file is not None and not self.port_file.exists():

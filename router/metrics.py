@@ -1,0 +1,147 @@
+"""Prometheus metrics of one router, served over HTTP on `--metrics-port` (prometheus-client).
+
+Every metric lives in the router's own CollectorRegistry (never the process-global default), so several routers
+in one process do not clash. Label values are bounded enums, gRPC method/status names, or model names reported by
+the workers themselves (their own configuration): never request text, API keys, key ids, peers or any other
+caller-supplied string.
+
+============================================  =========  ==============  ===============================================
+name                                          type       labels          meaning
+============================================  =========  ==============  ===============================================
+llamagrid_router_requests_total               counter    method, code    finished public gRPC calls by full method name
+                                                                         (/llamagrid.v1.Inference/Generate, ...) and
+                                                                         gRPC status code name (OK, RESOURCE_EXHAUSTED,
+                                                                         ...)
+llamagrid_router_request_duration_seconds     histogram  method          end-to-end call duration as the router sees it
+llamagrid_router_time_to_first_token_seconds  histogram  model           job sent to a worker -> first token (failovers
+                                                                         included)
+llamagrid_router_prompt_tokens_total          counter    model           prompt tokens of finished jobs (worker-reported
+                                                                         usage)
+llamagrid_router_completion_tokens_total      counter    model           completion tokens of finished jobs
+llamagrid_router_ratelimit_decisions_total    counter    outcome         admission decisions: allowed (Redis),
+                                                                         allowed_local (local buckets, Redis down,
+                                                                         fail-open), limited (RESOURCE_EXHAUSTED),
+                                                                         unavailable (fail-closed)
+llamagrid_router_ratelimit_fallbacks_total    counter    -               answers (charges and refunds) given by the
+                                                                         local buckets while Redis was failing
+llamagrid_router_ratelimit_recoveries_total   counter    -               Redis came back after failing
+llamagrid_router_ratelimit_degraded           gauge      -               1 while the limiter is skipping a failed Redis
+llamagrid_router_auth_failures_total          counter    reason          failed authentications: missing (no key),
+                                                                         invalid (unknown or revoked key), blocked (too
+                                                                         many failures from the peer)
+llamagrid_router_auth_stale_hits_total        counter    -               keys accepted from the last-known cache while
+                                                                         the key store was down (fail-open)
+llamagrid_router_redis_errors_total           counter    component       Redis failures: ratelimit (limiter calls) or
+                                                                         keystore (API-key lookups)
+llamagrid_router_workers                      gauge      model, healthy  discovered workers by model (empty before a
+                                                                         worker answered Info) and health
+                                                                         ("true"/"false")
+llamagrid_router_workers_discovered           gauge      -               discovered workers (the pool size)
+============================================  =========  ==============  ===============================================
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from worker.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
+
+INFERENCE_SERVICE = "llamagrid.v1.Inference"
+DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "unavailable")
+AUTH_FAILURE_REASONS = ("missing", "invalid", "blocked")
+
+
+class RouterMetrics:
+    """The router's registry. `pool`, `auth` and `limiter` (any of them may be None) are read at scrape time."""
+
+    def __init__(self, pool=None, auth=None, limiter=None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rpc = RpcMetrics(self.registry, "llamagrid_router")
+        self.rpc_observer = self.rpc.observer(INFERENCE_SERVICE)
+        decisions = Counter("llamagrid_router_ratelimit_decisions", "Rate-limit admission decisions by outcome.",
+                            ["outcome"], registry=self.registry)
+        self._decisions = {o: decisions.labels(o) for o in DECISION_OUTCOMES}  # every outcome exported from 0
+        self.ttft = Histogram("llamagrid_router_time_to_first_token_seconds",
+                              "Worker job sent to its first token, failovers included.", ["model"],
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("llamagrid_router_prompt_tokens", "Prompt tokens of finished jobs.", ["model"],
+                                     registry=self.registry)
+        self.completion_tokens = Counter("llamagrid_router_completion_tokens",
+                                         "Completion tokens of finished jobs.", ["model"], registry=self.registry)
+        self.registry.register(_StateCollector(pool, auth, limiter))
+
+    def ratelimit_decision(self, outcome: str) -> None:
+        self._decisions[outcome].inc()
+
+    # `model` below: a name already checked against the pool's healthy models (RouterServicer._resolve_model)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def usage(self, model: str, usage) -> None:
+        """One finished job's llamagrid.v1.Usage, as its worker reported it."""
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self.completion_tokens.labels(model).inc(usage.completion_tokens)
+
+
+def _snapshot(pool) -> list:
+    """pool.snapshot() from the scrape thread: the pool's loop may change its workers meanwhile; retry then."""
+    for _ in range(3):
+        try:
+            return pool.snapshot()
+        except (RuntimeError, KeyError):
+            continue
+    return []
+
+
+class _StateCollector:
+    """Counters the router's components already keep (LimiterCounters, Authenticator) and the pool's view."""
+
+    def __init__(self, pool, auth, limiter) -> None:
+        self.pool = pool
+        self.auth = auth
+        self.limiter = limiter
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        redis_errors = CounterMetricFamily("llamagrid_router_redis_errors", "Redis failures by component.",
+                                           labels=["component"])
+        limiter_errors = keystore_errors = 0
+        if self.limiter is not None:
+            c = self.limiter.counters
+            limiter_errors = c.backend_errors
+            yield CounterMetricFamily("llamagrid_router_ratelimit_fallbacks",
+                                      "Limiter answers given by the local buckets while Redis failed.",
+                                      value=c.fallbacks)
+            yield CounterMetricFamily("llamagrid_router_ratelimit_recoveries", "Redis recovered after failing.",
+                                      value=c.recoveries)
+            yield GaugeMetricFamily("llamagrid_router_ratelimit_degraded", "1 while a failed Redis is skipped.",
+                                    value=1 if self.limiter.degraded else 0)
+        if self.auth is not None:
+            keystore_errors = getattr(self.auth, "backend_errors", 0)
+            failures = CounterMetricFamily("llamagrid_router_auth_failures", "Failed authentications by reason.",
+                                           labels=["reason"])
+            counts = getattr(self.auth, "failure_counts", {})
+            for reason in AUTH_FAILURE_REASONS:
+                failures.add_metric([reason], counts.get(reason, 0))
+            yield failures
+            yield CounterMetricFamily("llamagrid_router_auth_stale_hits",
+                                      "Keys accepted from the last-known cache while the key store was down.",
+                                      value=self.auth.stale_hits)
+        redis_errors.add_metric(["ratelimit"], limiter_errors)
+        redis_errors.add_metric(["keystore"], keystore_errors)
+        yield redis_errors
+        if self.pool is not None:
+            states = _snapshot(self.pool)
+            tally = Tally((s.model or "", "true" if s.is_healthy else "false") for s in states)
+            workers = GaugeMetricFamily("llamagrid_router_workers", "Discovered workers by model and health.",
+                                        labels=["model", "healthy"])
+            for (model, healthy), n in sorted(tally.items()):
+                workers.add_metric([model, healthy], n)
+            yield workers
+            yield GaugeMetricFamily("llamagrid_router_workers_discovered", "Discovered workers.", value=len(states))
