@@ -186,12 +186,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _resumed_figures(cluster, tag: str, load: Load, reference: Load) -> str:
+def _resumed_figures(cluster, tag: str, load: Load, reference: Load, require_resumed: bool = True) -> str:
     """Which requests of run `tag` the router resumed mid-stream, and what that cost them."""
-    resumed = {int(e["request_id"].split("/")[0].rsplit("-", 1)[1])
-               for e in _router_events(cluster, "worker_failover")
-               if e.get("resumed_tokens") and e["request_id"].startswith(f"{tag}-")}
-    assert resumed, "no request was resumed mid-stream"
+    failovers = [e for e in _router_events(cluster, "worker_failover") if e["request_id"].startswith(f"{tag}-")]
+    resumed = {int(e["request_id"].split("/")[0].rsplit("-", 1)[1]) for e in failovers if e.get("resumed_tokens")}
+    if not resumed:
+        assert not require_resumed, "no request was resumed mid-stream"
+        assert failovers, "no request failed over"
+        return f"{len(failovers)} requests failed over before their first token, none mid-stream"
     extra = [load.latencies[i] - reference.latencies[i] for i in resumed]
     gaps = [load.max_gaps[i] for i in resumed]
     return (f"{len(resumed)} requests resumed mid-stream; extra end-to-end latency vs the fault-free run p50/p99 "
@@ -275,7 +277,9 @@ def test_repeated_oom_mid_load_loses_nothing(cluster, reference):
     mismatches = [i for i, (got, want) in enumerate(zip(load.outputs, reference.outputs, strict=True))
                   if got != want]
     assert not mismatches, f"{len(mismatches)} outputs differ from the fault-free run, e.g. request {mismatches[0]}"
-    print(f"\nOOM: 0 of {NUM_REQUESTS} requests lost; {_resumed_figures(cluster, 'oom', load, reference)}")
+    # the OOM may strike while the replica's sequences are still in prefill: then they fail over before any token
+    figures = _resumed_figures(cluster, "oom", load, reference, require_resumed=False)
+    print(f"\nOOM: 0 of {NUM_REQUESTS} requests lost; {figures}")
     failed = c.events("group_failed")
     assert failed and failed[0]["cause"] == "oom" and failed[0]["exit_code"] == 86
     c.wait_serving(starts=2)
