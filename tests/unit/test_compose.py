@@ -43,6 +43,8 @@ GPU = COMPOSE / "docker-compose.gpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROBE = COMPOSE / "healthcheck.py"
 PROBE_IN_IMAGE = "llamagrid-healthcheck"
+PROMETHEUS_CONFIG = COMPOSE / "prometheus.yml"
+OBSERVABILITY = "observability"
 # What the shell of `docker compose` would supply; LLAMAGRID_CHECKPOINT has no default (`:?`) by design.
 ENV = {"LLAMAGRID_CHECKPOINT": "/srv/models/Llama-2-7b-chat-hf"}
 WORKERS = ("worker-1", "worker-2")
@@ -146,7 +148,8 @@ def parse_worker(argv: list[str]):
     SupervisorConfig(backoff_initial_s=ns.backoff_initial, backoff_max_s=ns.backoff_max, stable_after_s=ns.stable_after,
                      heartbeat_timeout_s=ns.heartbeat_timeout, startup_grace_s=ns.startup_grace,
                      crash_loop_max_failures=ns.crash_loop_max_failures, crash_loop_window_s=ns.crash_loop_window,
-                     stop_timeout_s=ns.stop_timeout, kill_timeout_s=ns.kill_timeout)
+                     stop_timeout_s=ns.stop_timeout, kill_timeout_s=ns.kill_timeout, metrics_port=ns.metrics_port,
+                     metrics_host=ns.metrics_host)
     command = WorkerCommand.from_args(worker_args)
     assert command.port == worker_parser().parse_args(worker_args).port != 0, "a fixed port, kept across restarts"
     return ns, worker_args
@@ -199,7 +202,9 @@ def test_the_gpu_variant_requires_a_checkpoint():
 
 def test_services_are_redis_a_router_two_supervised_workers_and_the_model_one_shot():
     services = stacks()["cpu"]["services"]
-    assert set(services) == {"redis", "model-init", "router", *WORKERS}
+    assert set(services) == {"redis", "model-init", "router", *WORKERS, "prometheus"}
+    # only Prometheus is optional: `up` without --profile starts the cluster alone
+    assert {name for name, s in services.items() if "profiles" in s} == {"prometheus"}
     assert command(services["model-init"])[:2] == ["llamagrid", "make-tiny-model"]
     assert command(services["router"])[:3] == ["python", "-m", "router"]
     for name in WORKERS:
@@ -264,7 +269,7 @@ def test_worker_commands_parse_and_build_a_config(stack):
         assert config.host == "0.0.0.0", f"{name}: a worker in a container must listen on every interface"
         assert config.internal_token, f"{name}: workers must require the internal token"
         assert ns.port != 0 and health_port(service) == ns.port, name
-        assert service.get("expose", [str(ns.port)]) == [str(ns.port)]
+        assert str(ns.port) in service["expose"], name
         assert "--run-dir" not in worker_args  # the supervisor gives each start its own
         assert service["restart"] == "unless-stopped" and service["init"] is True
         # the container outlives the supervisor's own drain timeout before Docker kills it
@@ -279,6 +284,7 @@ def test_router_command_parses_and_builds_a_config(stack):
                            environ=environment)
     assert config.host == "0.0.0.0" and config.port == ns.port == health_port(service)
     assert any(str(p).endswith(f":{ns.port}") for p in service["ports"]), "the router is the public entry"
+    assert str(ns.port) in service["expose"]
     assert config.key_pepper and config.internal_token
     assert service["restart"] == "unless-stopped" and service["init"] is True
     assert float(service["stop_grace_period"].rstrip("s")) > config.drain_grace_s
@@ -354,6 +360,102 @@ def test_gpu_replicas_reserve_distinct_gpus_one_per_tensor_parallel_rank():
         assert service["image"] != stack["services"]["router"]["image"]  # same Dockerfile, CUDA torch build arg
         assert service["build"]["args"]["TORCH_INDEX_URL"] != stacks()["cpu"]["services"][name]["build"]["args"][
             "TORCH_INDEX_URL"]
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+
+def _option_strings(parser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def metrics_endpoints(stack: dict) -> dict[str, set[int]]:
+    """Service -> the /metrics ports its command serves, each read from a real CLI flag of the process that binds it
+    and checked to listen on every interface of the container (Prometheus scrapes it over the compose network)."""
+    out: dict[str, set[int]] = {}
+    services = stack["services"]
+    for name in WORKERS:
+        supervisor, worker_args = parse_worker(command(services[name]))
+        worker = worker_parser().parse_args(worker_args)
+        assert supervisor.metrics_host == "0.0.0.0", f"{name}: the supervisor's metrics listen on loopback"
+        assert worker.host == "0.0.0.0"  # the worker serves /metrics on its --host
+        out[name] = {supervisor.metrics_port, worker.metrics_port}
+    router = parse_router(command(services["router"]))
+    assert router.host == "0.0.0.0"
+    out["router"] = {router.metrics_port}
+    return out
+
+
+def test_metrics_flags_are_real_options_of_the_process_that_serves_them():
+    assert "--metrics-port" in _option_strings(router_parser())
+    assert "--metrics-port" in _option_strings(worker_parser())
+    assert {"--metrics-port", "--metrics-host"} <= _option_strings(supervisor_parser())
+    # where each flag sits matters: before `--` it is the supervisor's, after it the worker's
+    with pytest.raises(SystemExit):
+        supervisor_parser().parse_args(["--metrics-prot", "1"])
+    with pytest.raises(SystemExit):
+        worker_parser().parse_args(["--model", "m", "--metrics-host", "0.0.0.0"])
+
+
+def test_every_process_serves_metrics_on_a_fixed_exposed_port(stack):
+    services = stack["services"]
+    for name, ports in metrics_endpoints(stack).items():
+        assert None not in ports and 0 not in ports, f"{name}: metrics off or on a random port"
+        service = services[name]
+        grpc_port = health_port(service)
+        assert grpc_port not in ports
+        expose = {int(str(p).split("/")[0]) for p in service["expose"]}
+        assert {grpc_port, *ports} == expose, f"{name}: expose exactly the gRPC and metrics ports"
+    for name in WORKERS:
+        supervisor, worker_args = parse_worker(command(services[name]))
+        worker = worker_parser().parse_args(worker_args)
+        assert supervisor.metrics_port != worker.metrics_port, f"{name}: supervisor and worker on one port"
+        config = worker_config(worker_parser().parse_args(mapped(worker_args, container_files(stack, services[name]))))
+        assert config.metrics_port == worker.metrics_port
+    router = services["router"]
+    (metrics_port,) = metrics_endpoints(stack)["router"]
+    published = [str(p) for p in router["ports"] if str(p).endswith(f":{metrics_port}")]
+    assert len(published) == 1, "the router's /metrics is published on the host"
+    assert published[0].startswith("127.0.0.1:"), "by default only on the host's loopback"
+
+
+def _prometheus_targets() -> dict[str, set[tuple[str, int]]]:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs: dict[str, set[tuple[str, int]]] = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics" and job.get("scheme", "http") == "http"
+        targets = jobs.setdefault(job["job_name"], set())
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                targets.add((host, int(port)))
+    return jobs
+
+
+def test_prometheus_scrapes_exactly_the_served_metrics_ports(stack):
+    jobs = _prometheus_targets()
+    scraped = set().union(*jobs.values())
+    served = {(name, port) for name, ports in metrics_endpoints(stack).items() for port in ports}
+    assert scraped == served
+    assert len(scraped) == sum(len(t) for t in jobs.values()), "a target scraped twice"
+    supervisor_ports = {parse_worker(command(stack["services"][n]))[0].metrics_port for n in WORKERS}
+    worker_ports = {worker_parser().parse_args(parse_worker(command(stack["services"][n]))[1]).metrics_port
+                    for n in WORKERS}
+    assert {p for _, p in jobs["llamagrid-supervisor"]} == supervisor_ports
+    assert {p for _, p in jobs["llamagrid-worker"]} == worker_ports
+    assert {h for h, _ in jobs["llamagrid-router"]} == {"router"}
+
+
+def test_prometheus_service_is_optional_and_upstream(stack):
+    service = stack["services"]["prometheus"]
+    assert service["profiles"] == [OBSERVABILITY]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", service["image"]), "the official image, pinned"
+    assert "build" not in service
+    config_mount = [v for v in service["volumes"] if v.split(":")[1] == "/etc/prometheus/prometheus.yml"]
+    assert config_mount and (COMPOSE / config_mount[0].split(":")[0]).resolve() == PROMETHEUS_CONFIG
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command(service)
+    assert service["volumes"][1].split(":")[0] in stack["volumes"]
+    assert all(str(p).startswith("127.0.0.1:") for p in service["ports"]), "published on loopback by default"
 
 
 # --- the health probe ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ NAMESPACE = "llamagrid"
 CLUSTER_DOMAIN = "svc.cluster.local"
 ROUTER_ENTRY = ["python", "-m", "router"]
 WORKER_ENTRY = ["llamagrid", "worker"]
+METRICS_PATH = "/metrics"
 
 
 def _load() -> list[tuple[str, dict]]:
@@ -149,6 +150,9 @@ def test_selectors_match_pod_templates() -> None:
             for rule in r["spec"].get("ingress", []):
                 for peer in rule.get("from", []):
                     allowed = peer["podSelector"]["matchLabels"]
+                    if "namespaceSelector" in peer:  # pods of another namespace (Prometheus): not in these manifests
+                        assert allowed and peer["namespaceSelector"]["matchLabels"], "a whole namespace is admitted"
+                        continue
                     assert any(allowed.items() <= w["spec"]["template"]["metadata"]["labels"].items()
                                for w in _workloads()), f"NetworkPolicy/{r['metadata']['name']} admits no pods"
         else:
@@ -231,6 +235,7 @@ def test_router_command_builds_a_config(tmp_path: Path) -> None:
         setattr(args, name, stand_in)
     config = config_from_args(args, env)
     assert config.host == "0.0.0.0"
+    assert config.metrics_port == args.metrics_port
     assert config.tls_cert is not None and config.internal_token is not None
     assert config.key_pepper, "the key pepper must come from a Secret"
     assert config.redis_url, "the router needs the shared Redis (no embedded one in a cluster)"
@@ -318,7 +323,8 @@ def test_worker_command_builds_configs(tmp_path: Path) -> None:
     sup, wargs, worker_argv = _worker_parts()
     SupervisorConfig(heartbeat_timeout_s=sup.heartbeat_timeout, startup_grace_s=sup.startup_grace,
                      stop_timeout_s=sup.stop_timeout, kill_timeout_s=sup.kill_timeout,
-                     backoff_initial_s=sup.backoff_initial, backoff_max_s=sup.backoff_max)
+                     backoff_initial_s=sup.backoff_initial, backoff_max_s=sup.backoff_max,
+                     metrics_port=sup.metrics_port, metrics_host=sup.metrics_host)
     command = WorkerCommand.from_args(worker_argv)
     assert command.port == wargs.port == 50061 and command.num_ranks == wargs.tp
     token = tmp_path / "token"
@@ -326,6 +332,7 @@ def test_worker_command_builds_configs(tmp_path: Path) -> None:
     wargs.internal_token_file = token
     config = config_from_args(wargs)
     assert config.host == "0.0.0.0" and config.internal_token
+    assert config.metrics_port == wargs.metrics_port
     assert config.inject_fault is None
 
 
@@ -370,3 +377,82 @@ def test_worker_probes_and_grace() -> None:
     # preStop sleep, then SIGTERM: rank 0 drains within --stop-timeout, the rest is killed after --kill-timeout
     assert pod["terminationGracePeriodSeconds"] >= _prestop_sleep(container) + sup.stop_timeout + sup.kill_timeout
     assert sup.stop_timeout > 30.0, "rank 0 drains for up to 30 s (WorkerConfig.drain_timeout_s)"
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def _metrics_ports() -> dict[str, dict[str, int]]:
+    """Deployment -> {container port name: port} for every /metrics its processes serve, each read from a real CLI
+    flag (the parsers reject unknown ones) of the process that binds it, on every interface of the pod."""
+    router = _router_args()
+    assert router.host == "0.0.0.0"
+    sup, wargs, _ = _worker_parts()
+    assert sup.metrics_host == "0.0.0.0", "the supervisor's metrics listen on loopback by default"
+    assert wargs.host == "0.0.0.0"  # the worker serves /metrics on its --host
+    return {"llamagrid-router": {"metrics": router.metrics_port},
+            "llamagrid-worker": {"metrics": wargs.metrics_port, "metrics-sup": sup.metrics_port}}
+
+
+def test_metrics_flags_exist() -> None:
+    from router.config import build_parser as router_parser
+    from worker.config import build_parser as worker_parser
+    from worker.supervisor.__main__ import build_parser as supervisor_parser
+
+    assert "--metrics-port" in _option_strings(router_parser())
+    assert "--metrics-port" in _option_strings(worker_parser())
+    assert {"--metrics-port", "--metrics-host"} <= _option_strings(supervisor_parser())
+    own, worker_args = _split_worker_command(_container("Deployment", "llamagrid-worker", "worker")["command"])
+    assert "--metrics-host" in own and "--metrics-host" not in worker_args  # the worker has no such flag
+
+
+def test_metrics_container_ports_and_annotations() -> None:
+    for name, served in _metrics_ports().items():
+        assert all(p not in (None, 0) for p in served.values()), f"{name}: metrics off or on a random port"
+        assert len(set(served.values())) == len(served), f"{name}: two processes on one metrics port"
+        (container,) = _pod_spec("Deployment", name)["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert {n: p for n, p in ports.items() if n.startswith("metrics")} == served, name
+        assert "grpc" in ports and ports["grpc"] not in served.values()
+        annotations = _find("Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/path"] == METRICS_PATH, name
+        assert int(annotations["prometheus.io/port"]) == served["metrics"] == ports["metrics"], name
+        assert all(len(n) <= 15 for n in ports), "IANA_SVC_NAME: at most 15 characters"
+
+
+def _policies_for(workload: str) -> list[dict]:
+    labels = _find("Deployment", workload)["spec"]["template"]["metadata"]["labels"]
+    return [r for r in RESOURCES if r["kind"] == "NetworkPolicy"
+            and r["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+
+
+def test_network_policies_admit_prometheus_to_the_metrics_ports_only() -> None:
+    for name, served in _metrics_ports().items():
+        policies = _policies_for(name)
+        assert policies, f"{name}: no NetworkPolicy, its /metrics is open to every pod"
+        rules = [rule for policy in policies for rule in policy["spec"]["ingress"]]
+        for port in served.values():
+            admitting = [rule for rule in rules if port in {p["port"] for p in rule.get("ports", [])}]
+            assert admitting, f"{name}: Prometheus cannot scrape port {port}"
+            for rule in admitting:
+                assert rule.get("from"), f"{name}: metrics port {port} is open to everyone"
+                for peer in rule["from"]:
+                    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}, peer
+                    assert "namespaceSelector" in peer
+        for rule in rules:
+            assert all("port" in p for p in rule.get("ports", [])), f"{name}: a rule opens every port"
+    # the client port stays open to everyone: the router is the public entry
+    router_port = _router_args().port
+    router_rules = [rule for p in _policies_for("llamagrid-router") for rule in p["spec"]["ingress"]]
+    assert any(not rule.get("from") and router_port in {p["port"] for p in rule["ports"]} for rule in router_rules)
+    # the worker's gRPC port: routers only
+    worker_port = _worker_parts()[1].port
+    for rule in [r for p in _policies_for("llamagrid-worker") for r in p["spec"]["ingress"]]:
+        if worker_port in {p["port"] for p in rule["ports"]}:
+            assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [
+                {"app.kubernetes.io/name": "llamagrid-router"}]
