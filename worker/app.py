@@ -128,6 +128,9 @@ class Worker:
             plans=self.group.plans if self.group else None,
             on_group_failure=self.group.abort if self.group else None,
             heartbeat=self.heartbeat,
+            cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
+            max_context=self.layout.max_context,
         )
         self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
         block_manager = BlockManager(self.layout.num_blocks, self.layout.block_size, config.enable_prefix_caching)

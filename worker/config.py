@@ -43,6 +43,7 @@ class WorkerConfig:
     internal_token: str | None = field(default=None, repr=False)  # secret: calls must carry it (worker.internal_auth)
     tp_size: int = 1  # tensor-parallel ranks in this replica; rank 0 (this process) spawns the others
     run_dir: Path | None = None  # each rank keeps its heartbeat file rank{r}.heartbeat here (worker.heartbeat)
+    cuda_graphs: bool = False  # decode steps as CUDA graphs (one GPU rank only; worker.cuda_graphs)
     inject_fault: str | None = None  # tests only: worker.faults spec; refused unless LLAMAGRID_ALLOW_FAULT_INJECTION=1
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"require this token from callers (default ${INTERNAL_TOKEN_ENV}; neither = no token)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each; gloo on CPU)")
     p.add_argument("--run-dir", type=Path, default=None, help="write per-rank heartbeat files here")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs (CUDA device, --tp 1; ignored otherwise)")
     p.add_argument("--inject-fault", default=None, metavar="SPEC",
                    help=f"tests only: e.g. oom@step=40,times=3 (needs {faults.ALLOW_ENV}=1; see worker/faults.py)")
     return p
@@ -125,4 +128,5 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         inject_fault=args.inject_fault,
         tp_size=args.tp,
         run_dir=args.run_dir,
+        cuda_graphs=args.cuda_graphs,
     )

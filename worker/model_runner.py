@@ -30,7 +30,8 @@ class ModelRunner:
                  num_layers: int, dtype: torch.dtype, device: torch.device, tp: TPInfo | None = None,
                  plans: PlanChannel | None = None,
                  on_group_failure: Callable[[str, BaseException], None] | None = None,
-                 heartbeat: Heartbeat | None = None):
+                 heartbeat: Heartbeat | None = None, cuda_graphs: bool = False, max_num_seqs: int = 256,
+                 max_context: int = 4096):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -50,6 +51,12 @@ class ModelRunner:
         self._ticker_stop = threading.Event()
         self._progress: Callable[[], object] | None = None
         self._last_progress: object = None
+        self.graphs = None  # decode steps as CUDA graphs: one GPU rank only (worker.cuda_graphs)
+        if cuda_graphs and device.type == "cuda" and self.tp.size == 1:
+            from worker.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size=block_size, device=device,
+                                       max_num_seqs=max_num_seqs, max_context=max_context)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -139,6 +146,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the model on the plan; logits [R, vocab] of its sample rows on rank 0 (None elsewhere).
         Ranks > 0 call it for each STEP plan they receive (worker.tp.rank_main)."""
+        if self.graphs is not None:
+            logits = self.graphs.run(plan)  # None: not a decode step a graph can take
+            if logits is not None:
+                return logits
         input_ids, positions, ctx, sample_rows = self._tensors(plan)
         hidden = self.model(input_ids, positions, ctx, self.kv_caches)
         if not plan.num_sample_rows:
