@@ -11,7 +11,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 _SCRIPT = (Path(__file__).parent / "token_bucket.lua").read_text()
 
@@ -116,6 +116,38 @@ class RateLimiter:
         req, tok = await self.acquire(key, [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)])
         return QuotaDecision(requests=req, tokens=tok)
 
+    async def acquire_quota_with(self, before: Sequence, key: str, rpm: Limit, tpm: Limit,
+                                 tokens: int) -> tuple[object, QuotaDecision]:
+        """acquire_quota, with the Redis command `before` (e.g. an API-key lookup) sent in the same pipeline: one
+        round trip for both. Returns `before`'s reply (an exception instance if that command alone failed) and the
+        decision. A NOSCRIPT reply (Redis restarted or flushed its scripts) loads the script and sends both again."""
+        if tokens < 0:
+            raise ValueError("acquire costs must be >= 0; use refund() to give units back")
+        requests = [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)]
+        keys, args = self._script_args(key, requests)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                for attempt in range(2):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.execute_command(*before)
+                        pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                        reply, raw = await pipe.execute(raise_on_error=False)
+                    if isinstance(raw, NoScriptError) and attempt == 0:
+                        await self._redis.script_load(_SCRIPT)
+                        continue
+                    if isinstance(raw, BaseException):
+                        raise raw
+                    break
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
+        req, tok = (_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
+        return reply, QuotaDecision(requests=req, tokens=tok)
+
+    async def refund_quota(self, key: str, rpm: Limit, tpm: Limit, tokens: int) -> QuotaDecision:
+        """Undo a whole acquire_quota (one request and `tokens`), e.g. one admitted on a guess that proved wrong."""
+        req, tok = await self._charge(key, [(REQUESTS, rpm, -1), (TOKENS, tpm, -tokens)])
+        return QuotaDecision(requests=req, tokens=tok)
+
     async def refund(self, key: str, limit: Limit, amount: int, bucket: str = TOKENS) -> Decision:
         """Give back `amount` unused units to a bucket of `key`; the bucket never exceeds its burst."""
         if amount < 0:
@@ -123,12 +155,15 @@ class RateLimiter:
         (decision,) = await self._charge(key, [(bucket, limit, -amount)])
         return decision
 
-    async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:
+    def _script_args(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[list[str], list]:
         keys, args = [], []
         for bucket, limit, cost in requests:
             keys.append(self.bucket_key(key, bucket))
             args += [repr(limit.rate_per_ms), limit.burst, cost]
-        raw = await self._run(keys, args)
+        return keys, args
+
+    async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:
+        raw = await self._run(*self._script_args(key, requests))
         return tuple(_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
 
     async def _run(self, keys: list[str], args: list) -> list:

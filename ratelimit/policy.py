@@ -84,6 +84,28 @@ class GuardedLimiter:
         d = self.local.acquire_quota(key, tier.requests, tier.tokens, tokens)
         return GuardedDecision(d.requests, d.tokens, degraded=True)
 
+    async def acquire_quota_with(self, before, key: str, tier: Tier,
+                                 tokens: int) -> tuple[object, GuardedDecision] | None:
+        """acquire_quota with the Redis command `before` in the same round trip (RateLimiter.acquire_quota_with):
+        returns (before's reply, decision), or None when Redis is skipped (cooldown) or fails — the caller then
+        makes its calls one by one, which apply the failure policy. Charges nothing when it returns None."""
+        if not self._redis_usable():
+            return None
+        try:
+            reply, d = await self.redis.acquire_quota_with(before, key, tier.requests, tier.tokens, tokens)
+        except RateLimitBackendError as exc:
+            self._failed(key, "acquire", exc)
+            return None
+        self._succeeded()
+        return reply, GuardedDecision(d.requests, d.tokens)
+
+    async def refund_quota(self, key: str, tier: Tier, tokens: int) -> None:
+        """Undo a whole admission by acquire_quota_with (one request and `tokens`) in Redis; best effort."""
+        try:
+            await self.redis.refund_quota(key, tier.requests, tier.tokens, tokens)
+        except RateLimitBackendError as exc:
+            self._failed(key, "refund", exc)
+
     async def refund(self, key: str, tier: Tier, amount: int, bucket: str = TOKENS) -> Decision | None:
         """Give back unused units. Best effort, never raises on a backend failure: the request already ran.
 

@@ -6,18 +6,20 @@ import hashlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import structlog
 from redis.exceptions import RedisError
 
 from router.errors import LimiterDown, PermissionDenied, RateLimited, Unauthenticated
-from router.keys import ApiKeyStore, KeyRecord, parse_bearer
+from router.keys import ApiKeyStore, KeyRecord, parse_bearer, parse_key_id
 
 log = structlog.get_logger("router.auth")
 
 FAILURE_WINDOW_S = 60.0
 _MAX_PEERS = 10_000
+_MAX_TIER_HINTS = 100_000
 
 
 class FailureCounter:
@@ -116,8 +118,18 @@ class Authenticator:
         self.stale_hits = 0
         self.failure_counts: dict[str, int] = {"missing": 0, "invalid": 0, "blocked": 0}  # read by router.metrics
         self.backend_errors = 0  # key-store (Redis) failures, read by router.metrics
+        self._tiers: dict[str, str] = {}  # key id -> tier, of keys verified here (see speculation)
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> KeyRecord:
+        presented = self.begin(context)
+        return self.finish(presented, await self.lookup(presented))
+
+    async def lookup(self, presented: Presented) -> KeyRecord | None:
+        """The presented key's record from the key store (None: missing, malformed or invalid); see finish()."""
+        return await self._lookup(presented.token) if presented.token is not None else None
+
+    def begin(self, context: grpc.aio.ServicerContext) -> Presented:
+        """The credentials of a call, or RateLimited when its peer has failed too often; no lookup yet."""
         peer = context.peer() or "unknown"
         peer_host = peer.rsplit(":", 1)[0]
         wait = self.failures.blocked_for(peer_host)
@@ -126,16 +138,44 @@ class Authenticator:
             log.warning("auth_blocked", peer=peer_host, retry_after_s=round(wait, 3))
             raise RateLimited("too many failed authentication attempts", wait,
                               (("peer", "authentication failures per minute"),))
-        token = bearer_token(context)
-        record = await self._lookup(token) if token is not None else None
-        if record is None:
-            self.failures.record(peer_host)
-            reason = "missing" if token is None else "invalid"
-            self.failure_counts[reason] += 1
-            log.info("auth_failed", peer=peer_host, reason=reason)
-            raise Unauthenticated("missing or invalid API key")
-        return record
+        return Presented(peer_host, bearer_token(context))
 
+    def speculation(self, presented: Presented) -> tuple[tuple[str, str], str, str] | None:
+        """For a key this router verified before: (its lookup command, its key id, the tier it had), so the caller
+        can send the lookup together with the rate-limit charge of that tier in one Redis round trip and check
+        the answer with `verify_reply`. None for anything else (the caller authenticates first)."""
+        if presented.token is None:
+            return None
+        key_id = parse_key_id(presented.token)
+        tier = self._tiers.get(key_id) if key_id is not None else None
+        command = self.store.lookup_command(presented.token) if tier is not None else None
+        return None if command is None else (command, key_id, tier)
+
+    def verify_reply(self, presented: Presented, reply: object) -> KeyRecord:
+        """finish() for the reply of a lookup sent by the caller (see speculation)."""
+        if isinstance(reply, BaseException):  # the pipelined lookup alone failed: treat as a key-store failure
+            self.backend_errors += 1
+            log.warning("key_store_unavailable", error=type(reply).__name__)
+            raise LimiterDown("authentication backend unavailable")
+        record = self.store.verify(presented.token, reply)
+        if self.last_known is not None:
+            self.last_known.remember(presented.token, record)
+        return self.finish(presented, record)
+
+    def finish(self, presented: Presented, record: KeyRecord | None) -> KeyRecord:
+        if record is None:
+            self.failures.record(presented.peer_host)
+            reason = "missing" if presented.token is None else "invalid"
+            self.failure_counts[reason] += 1
+            log.info("auth_failed", peer=presented.peer_host, reason=reason)
+            key_id = parse_key_id(presented.token) if presented.token is not None else None
+            if key_id is not None:
+                self._tiers.pop(key_id, None)
+            raise Unauthenticated("missing or invalid API key")
+        self._tiers[record.key_id] = record.tier
+        if len(self._tiers) > _MAX_TIER_HINTS:
+            self._tiers.pop(next(iter(self._tiers)))
+        return record
 
     async def _lookup(self, token: str) -> KeyRecord | None:
         try:
@@ -152,6 +192,14 @@ class Authenticator:
         if self.last_known is not None:
             self.last_known.remember(token, record)
         return record
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What a call presented: its peer host and bearer token (None when missing or malformed)."""
+
+    peer_host: str
+    token: str | None
 
 
 def check_model(record: KeyRecord, model: str) -> None:

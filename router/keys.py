@@ -151,10 +151,25 @@ class ApiKeyStore:
     async def authenticate(self, presented: str) -> KeyRecord | None:
         """The record of a valid, unrevoked key, or None (malformed, unknown, wrong secret, revoked). Digests are
         compared in constant time. Bad input never raises; a Redis failure does (the caller decides fail-closed)."""
+        command = self.lookup_command(presented)
+        if command is None:
+            return None
+        return self.verify(presented, await self._redis.execute_command(*command))
+
+    def lookup_command(self, presented: str) -> tuple[str, str] | None:
+        """The Redis command whose reply `verify` needs for `presented` (so a caller can pipeline it with other
+        commands), or None when `presented` is not even a well-formed key."""
+        key_id = parse_key_id(presented)
+        return None if key_id is None else ("HGETALL", self._hash_key(key_id))
+
+    def verify(self, presented: str, raw: dict | list) -> KeyRecord | None:
+        """The record of `presented` from the reply to its lookup_command, or None (unknown, wrong secret, revoked,
+        malformed). Digests are compared in constant time."""
         key_id = parse_key_id(presented)
         if key_id is None:
             return None
-        raw = await self._redis.hgetall(self._hash_key(key_id))
+        if isinstance(raw, list):  # a raw HGETALL reply: [field, value, field, value, ...]
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
         stored = next((_text(v) for k, v in raw.items() if _text(k) == "digest"), None)
         if stored is None or not hmac.compare_digest(stored.encode(), self.digest(presented).encode()):
             return None

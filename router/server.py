@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import random
 import time
@@ -19,10 +20,10 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from ratelimit.limiter import RateLimiter, connect
-from ratelimit.policy import FailurePolicy, GuardedLimiter, LimiterUnavailable
+from ratelimit.policy import FailurePolicy, GuardedDecision, GuardedLimiter, LimiterUnavailable
 from ratelimit.redis_server import RedisServer
 from ratelimit.tiers import Tier, TierSource
-from router.auth import Authenticator, LastKnownKeys, check_model
+from router.auth import Authenticator, LastKnownKeys, Presented, check_model
 from router.config import RouterConfig
 from router.discovery import from_spec
 from router.errors import (
@@ -91,23 +92,69 @@ def estimate_chat(messages, params: pb.SamplingParameters) -> int:
 
 
 @dataclass
-class Quota:
-    """One admitted request: what was reserved from whose bucket, and what the worker reported using."""
+class CallRecord:
+    """One request (one Chat turn) as the router saw it: who sent it, what it reserved from whose bucket, what the
+    workers reported using, how it went. Settled once (unused tokens refunded) and logged once, when it ends, as
+    `request_finished` — ids, names and numbers only, never text."""
 
-    key_id: str
-    tier: Tier
-    reserved: int
-    request_id: str = ""
-    used: int = 0
-    refunded: bool = field(default=False)
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    key_id: str = ""
+    tenant: str = ""
+    model: str = ""
+    turn: int | None = None
+    inputs: int = 0
+    tier: Tier | None = None  # set once charged; then settled
+    reserved: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    first_token_at: float | None = None
+    failovers: int = 0
+    worker: str = ""
+    refunded: bool = False
+    logged: bool = False
+
+    @property
+    def used(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
     def add_usage(self, usage: pb.Usage) -> None:
-        self.used += usage.prompt_tokens + usage.completion_tokens
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cached_prompt_tokens += usage.cached_prompt_tokens
+
+    def authenticated(self, record: KeyRecord) -> None:
+        self.key_id, self.tenant = record.key_id, record.tenant
+
+    def fields(self, code: grpc.StatusCode) -> dict:
+        out = {"request_id": self.request_id, "method": self.method, "key_id": self.key_id, "tenant": self.tenant,
+               "model": self.model, "status": code.name, "inputs": self.inputs,
+               "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+               "cached_prompt_tokens": self.cached_prompt_tokens, "reserved_tokens": self.reserved,
+               "ttft_ms": None if self.first_token_at is None else round(1e3 * (self.first_token_at - self.started), 2),
+               "duration_ms": round(1e3 * (time.monotonic() - self.started), 2), "failovers": self.failovers,
+               "worker": self.worker}
+        if self.turn is not None:
+            out["turn"] = self.turn
+        return out
+
+
+# The call being served by this task (grpc.aio runs each call in its own task): read when the call ends, by
+# RouterServicer.rpc_observer, to log its request_finished with the status the error decorators mapped.
+_CURRENT: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("llamagrid_router_call", default=None)
 
 
 async def _send_metadata(context, metadata: tuple[tuple[str, str], ...]) -> None:
     with contextlib.suppress(Exception):  # the call may already be over (client gone); nothing to report then
         await context.send_initial_metadata(metadata)
+
+
+async def _drain(call) -> None:
+    """Let a worker call whose job has finished end by itself (its trailers), off the client's path."""
+    with contextlib.suppress(Exception):
+        await call
 
 
 async def _outbound(job: wpb.Job, requests: asyncio.Queue | None) -> AsyncIterator[wpb.WorkerRequest]:
@@ -130,11 +177,35 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.tiers = tiers
         self.metrics: RouterMetrics | None = None  # set by build_router when metrics are served
         self._settling: set[asyncio.Task] = set()
+        self._no_run: set[str] = set()  # workers that answered Worker.Run with UNIMPLEMENTED (an older version)
+
+    # ---- calls
+
+    def _begin(self, method: str, context) -> CallRecord:
+        """The record of a call that starts now (also the call's current record, for rpc_observer)."""
+        record = CallRecord(method, _request_id(context))
+        _CURRENT.set(record)
+        return record
+
+    def rpc_observer(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Called by worker.errors' decorators when a call ends: metrics, and the call's request_finished log
+        event unless it was logged already (a Chat logs each turn as it ends)."""
+        if self.metrics is not None:
+            self.metrics.rpc_observer(method, code, seconds)
+        record = _CURRENT.get()
+        if record is not None and not record.logged:
+            self._log_finished(record, code)
+
+    def _log_finished(self, record: CallRecord, code: grpc.StatusCode) -> None:
+        record.logged = True
+        log.info("request_finished", **record.fields(code))
 
     # ---- admission
 
-    async def _authenticate(self, context) -> KeyRecord:
-        return await self.auth.authenticate(context)
+    async def _authenticate(self, context, record: CallRecord) -> KeyRecord:
+        key = await self.auth.authenticate(context)
+        record.authenticated(key)
+        return key
 
     def _resolve_model(self, record: KeyRecord, requested: str) -> str:
         models = self.pool.models()
@@ -148,27 +219,37 @@ class RouterServicer(pb_grpc.InferenceServicer):
         check_model(record, model)
         return model
 
-    async def _charge(self, record: KeyRecord, tokens: int, context, request_id: str,
-                      send_metadata: bool = True) -> Quota:
-        tier = self.tiers.get(record.tier)
+    def _tier(self, key: KeyRecord) -> Tier:
+        tier = self.tiers.get(key.tier)
         if tier is None:
-            log.error("tier_missing", key_id=record.key_id, tier=record.tier)
+            log.error("tier_missing", key_id=key.key_id, tier=key.tier)
             raise TierMissing("the API key's tier is not configured")
-        try:
-            d = await self.limiter.acquire_quota(record.key_id, tier, tokens)
-        except LimiterUnavailable as exc:
-            self._decided("unavailable")
-            raise LimiterDown("rate-limit backend unavailable") from exc
+        return tier
+
+    async def _charge(self, key: KeyRecord, tokens: int, context, record: CallRecord, send_metadata: bool = True,
+                      decided: tuple[Tier, GuardedDecision] | None = None) -> None:
+        """Charge one request and `tokens` to `key` (or apply a decision already `decided` for it); on success
+        `record` holds the reservation (to settle), else RateLimited / LimiterDown."""
+        if decided is None:
+            tier = self._tier(key)
+            try:
+                d = await self.limiter.acquire_quota(key.key_id, tier, tokens)
+            except LimiterUnavailable as exc:
+                self._decided("unavailable")
+                raise LimiterDown("rate-limit backend unavailable") from exc
+        else:
+            tier, d = decided
         self._decided("limited" if not d.allowed else "allowed_local" if d.degraded else "allowed")
         if not d.allowed:
             violations = []
             if not d.requests.allowed:
-                violations.append((f"key:{record.key_id}:requests", "requests per minute exhausted"))
+                violations.append((f"key:{key.key_id}:requests", "requests per minute exhausted"))
             if not d.tokens.allowed:
-                violations.append((f"key:{record.key_id}:tokens", "tokens per minute exhausted"))
-            log.info("rate_limited", request_id=request_id, key_id=record.key_id, tokens=tokens,
+                violations.append((f"key:{key.key_id}:tokens", "tokens per minute exhausted"))
+            log.info("rate_limited", request_id=record.request_id, key_id=key.key_id, tokens=tokens,
                      retry_after_s=d.retry_after_s if math.isfinite(d.retry_after_s) else -1)
             raise RateLimited("rate limit exceeded", d.retry_after_s, tuple(violations))
+        record.tier, record.reserved = tier, tokens
         if send_metadata:
             # Sent while the worker call starts, not awaited first: gRPC keeps the order of a call's operations,
             # so the headers still precede the first message.
@@ -179,7 +260,35 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 ("x-ratelimit-reset-requests", f"{math.ceil(d.requests.reset_after_s * 1000)}ms"),
                 ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"),
             )))
-        return Quota(record.key_id, tier, tokens, request_id)
+
+    async def _admit_fast(self, presented: Presented, requested_model: str, cost: int,
+                          record: CallRecord) -> tuple[KeyRecord, str, tuple[Tier, GuardedDecision] | None] | None:
+        """Authenticate and charge in ONE Redis round trip, for a key this router verified before: its lookup and
+        the charge at the tier it had are pipelined, then the key is checked. A guess that proves wrong (key now
+        invalid, another tier, a model it may not use) has its charge refunded. None: take the one-by-one path
+        (unknown key, Redis skipped or failing — that path applies the failure policy)."""
+        guess = self.auth.speculation(presented)
+        tier = self.tiers.get(guess[2]) if guess is not None else None
+        if tier is None:
+            return None
+        command, key_id, tier_name = guess
+        got = await self.limiter.acquire_quota_with(command, key_id, tier, cost)
+        if got is None:
+            return None
+        reply, d = got
+        try:
+            key = self.auth.verify_reply(presented, reply)
+            record.authenticated(key)
+            model = self._resolve_model(key, requested_model)
+            if key.tier != tier_name:
+                raise _WrongGuess
+        except BaseException as exc:
+            if d.allowed:
+                self._background(self.limiter.refund_quota(key_id, tier, cost))
+            if isinstance(exc, _WrongGuess):
+                return key, model, None
+            raise
+        return key, model, (tier, d)
 
     def _decided(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -192,25 +301,26 @@ class RouterServicer(pb_grpc.InferenceServicer):
         task.add_done_callback(self._settling.discard)
         return task
 
-    def _settle(self, quota: Quota) -> None:
-        """Refund what `quota` did not use, in the background: the client's response does not wait for Redis.
-        Idempotent. `settle_pending()` waits for every refund still running (used when the router stops)."""
-        if quota.refunded:
+    def _settle(self, record: CallRecord) -> None:
+        """Refund what `record` reserved and did not use, in the background: the client's response does not wait
+        for Redis. Idempotent; nothing for a call that was never charged. `settle_pending()` waits for every
+        refund still running (used when the router stops)."""
+        if record.refunded or record.tier is None:
             return
-        quota.refunded = True
-        self._background(self._refund(quota))
+        record.refunded = True
+        unused = record.reserved - record.used
+        log.debug("request_settled", request_id=record.request_id, key_id=record.key_id, reserved=record.reserved,
+                  used=record.used, refunded=max(unused, 0))
+        if unused > 0:
+            self._background(self._refund(record.key_id, record.tier, unused))
 
     async def settle_pending(self) -> None:
         if self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
 
-    async def _refund(self, quota: Quota) -> None:
-        unused = quota.reserved - quota.used
-        log.info("request_settled", request_id=quota.request_id, key_id=quota.key_id, reserved=quota.reserved,
-                 used=quota.used, refunded=max(unused, 0))
-        if unused > 0:
-            with contextlib.suppress(Exception):  # best effort; the limiter logs backend failures itself
-                await self.limiter.refund(quota.key_id, quota.tier, unused)
+    async def _refund(self, key_id: str, tier: Tier, unused: int) -> None:
+        with contextlib.suppress(Exception):  # best effort; the limiter logs backend failures itself
+            await self.limiter.refund(key_id, tier, unused)
 
     # ---- worker calls
 
@@ -225,8 +335,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         return job
 
     async def _events(self, job: wpb.Job, context, *, prefer: str | None = None,
-                      requests: asyncio.Queue | None = None,
-                      on_address: Callable[[str], None] | None = None) -> AsyncIterator[wpb.WorkerEvent]:
+                      requests: asyncio.Queue | None = None, on_address: Callable[[str], None] | None = None,
+                      record: CallRecord | None = None) -> AsyncIterator[wpb.WorkerEvent]:
         """Run one job on a worker and yield its events, failing over when the worker goes away.
 
         A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before
@@ -236,7 +346,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         config.retry_attempts failovers per job; while no other worker is healthy the job waits for one (a
         restarted replica counts) until its deadline or config.failover_wait_s. `prefer` names the worker to try
         first while it is healthy (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the
-        worker stream; None there half-closes it. `on_address` learns each worker that starts producing events."""
+        worker stream; None there half-closes it. `on_address` learns each worker that starts producing events.
+        `record` (optional) learns the first token's time, the failovers and the last worker."""
         failed: dict[str, float] = {}  # address -> when it failed this job (excluded for FAILED_EXCLUDE_S)
         failures = 0
         metrics, job_started = self.metrics, time.monotonic()  # time to first token (router.metrics)
@@ -260,10 +371,17 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 await asyncio.sleep(FAILOVER_POLL_S)
                 continue
             target = picked[0].address
+            if record is not None:
+                record.worker = target
             stub, lease = self.pool.stub(target), self.pool.acquire(target, pending - len(streamed))
-            call = stub.Generate(_outbound(current, requests), timeout=context.time_remaining(),
-                                 metadata=(("x-request-id", job.request_id), *self.pool.metadata))
-            started = False
+            metadata = (("x-request-id", job.request_id), *self.pool.metadata)
+            used_run = requests is None and target not in self._no_run
+            if used_run:  # nothing will follow the job: the one-message call starts in one round trip
+                call = stub.Run(current, timeout=context.time_remaining(), metadata=metadata)
+            else:
+                call = stub.Generate(_outbound(current, requests), timeout=context.time_remaining(),
+                                     metadata=metadata)
+            started = finished = False
             try:
                 async for event in call:
                     if not started:
@@ -271,18 +389,33 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         if on_address is not None:
                             on_address(target)
                     if event.HasField("delta"):
-                        if metrics is not None and not streamed:
-                            metrics.first_token(job.model, time.monotonic() - job_started)
+                        if not streamed:
+                            first = time.monotonic()
+                            if metrics is not None:
+                                metrics.first_token(job.model, first - job_started)
+                            if record is not None and record.first_token_at is None:
+                                record.first_token_at = first
                         streamed.extend(event.delta.token_ids)
-                    elif metrics is not None and event.HasField("finished"):
-                        metrics.usage(job.model, event.finished.usage)
+                    elif event.HasField("finished"):
+                        finished = True
+                        if metrics is not None:
+                            metrics.usage(job.model, event.finished.usage)
                     yield event
+                    if finished:  # the job's last event: the caller need not wait for the worker's trailers
+                        return
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                if code is grpc.StatusCode.UNIMPLEMENTED and used_run and not started:
+                    # a worker from before Worker.Run: use Generate there
+                    self._no_run.add(target)
+                    log.info("worker_without_run", worker=target)
+                    continue
                 if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on
                     raise from_rpc_error(exc) from exc
                 failures += 1
+                if record is not None:
+                    record.failovers += 1
                 failed[target] = time.monotonic()
                 if failures > self.config.retry_attempts:
                     log.warning("worker_failover_exhausted", request_id=job.request_id, worker=target,
@@ -299,17 +432,21 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         current.deadline_unix_ms = int((time.time() + context.time_remaining()) * 1000)
                 wait_until = None
             finally:
-                call.cancel()
                 lease.release()
+                if finished:
+                    self._background(_drain(call))
+                else:
+                    call.cancel()
 
-    async def _merged(self, jobs: list[wpb.Job], context) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
+    async def _merged(self, jobs: list[wpb.Job], context,
+                      record: CallRecord) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
         """Run every job concurrently (each on its own worker pick); yield (index, event) as the client takes them,
         deltas that waited for a slow client merged (router.outbox)."""
         outbox = Outbox()
 
         async def pump(index: int, job: wpb.Job) -> None:
             try:
-                async for event in self._events(job, context):
+                async for event in self._events(job, context, record=record):
                     outbox.put_event(index, event)
             except Exception as exc:
                 outbox.put(exc)
@@ -331,33 +468,43 @@ class RouterServicer(pb_grpc.InferenceServicer):
             if outbox.merged:
                 log.debug("deltas_coalesced", request_id=jobs[0].request_id, merged=outbox.merged)
 
-    async def _admit_generate(self, request: pb.GenerateRequest, context) -> tuple[list[wpb.Job], Quota, str]:
-        record = await self._authenticate(context)
-        model = self._resolve_model(record, request.model)
+    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> list[wpb.Job]:
+        presented = self.auth.begin(context)
+        record.inputs = len(request.inputs)
+        well_formed = 0 < len(request.inputs) <= MAX_INPUTS
+        cost = sum(estimate_text(t, request.parameters) for t in request.inputs) if well_formed else 0
+        fast = await self._admit_fast(presented, request.model, cost, record) if well_formed else None
+        if fast is not None:
+            key, model, decided = fast
+        else:
+            key = self.auth.finish(presented, await self.auth.lookup(presented))
+            record.authenticated(key)
+            model, decided = self._resolve_model(key, request.model), None
+        record.model = model
         if not request.inputs:
             raise InvalidRequest("inputs: at least one input is required")
         if len(request.inputs) > MAX_INPUTS:
             raise InvalidRequest(f"inputs: at most {MAX_INPUTS} inputs per request")
-        base = _request_id(context)
-        cost = sum(estimate_text(t, request.parameters) for t in request.inputs)
-        quota = await self._charge(record, cost, context, base)
+        await self._charge(key, cost, context, record, decided=decided)
         jobs = []
         for i, text in enumerate(request.inputs):
-            job = self._job(f"{base}/{i}", model, request.parameters, context)
+            job = self._job(f"{record.request_id}/{i}", model, request.parameters, context)
             job.text = text
             jobs.append(job)
-        log.info("request_admitted", request_id=base, key_id=record.key_id, inputs=len(jobs), reserved=cost)
-        return jobs, quota, base
+        log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(jobs),
+                  reserved=cost, one_round_trip=decided is not None)
+        return jobs
 
     # ---- public API
 
     @handle_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        jobs, quota, _ = await self._admit_generate(request, context)
+        record = self._begin("Generate", context)
         try:
+            jobs = await self._admit_generate(request, context, record)
             outputs = [pb.Completion() for _ in jobs]
             texts: list[list[str]] = [[] for _ in jobs]
-            async for index, event in self._merged(jobs, context):
+            async for index, event in self._merged(jobs, context, record):
                 if event.HasField("delta"):
                     texts[index].append(event.delta.text)
                     outputs[index].token_ids.extend(event.delta.token_ids)
@@ -365,31 +512,33 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     fin = event.finished
                     outputs[index].finish_reason = fin.finish_reason
                     outputs[index].usage.CopyFrom(fin.usage)
-                    quota.add_usage(fin.usage)
+                    record.add_usage(fin.usage)
             for out, parts in zip(outputs, texts, strict=True):
                 out.text = "".join(parts)
             return pb.GenerateResponse(outputs=outputs)
         finally:
-            self._settle(quota)
+            self._settle(record)
 
     @handle_stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        jobs, quota, _ = await self._admit_generate(request, context)
+        record = self._begin("GenerateStream", context)
         try:
-            async for index, event in self._merged(jobs, context):
+            jobs = await self._admit_generate(request, context, record)
+            async for index, event in self._merged(jobs, context, record):
                 if event.HasField("delta"):
                     yield pb.GenerateChunk(index=index, text=event.delta.text, token_ids=event.delta.token_ids)
                 else:
                     fin = event.finished
-                    quota.add_usage(fin.usage)
+                    record.add_usage(fin.usage)
                     yield pb.GenerateChunk(index=index, finish_reason=fin.finish_reason, usage=fin.usage)
         finally:
-            self._settle(quota)
+            self._settle(record)
 
     @handle_stream_errors
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
-        record = await self._authenticate(context)
-        base = _request_id(context)
+        record = self._begin("Chat", context)  # the session until its first turn, then each turn's own
+        key = await self._authenticate(context, record)
+        base = record.request_id
         inbox = Outbox()  # client requests (unmerged) and the current turn's worker events (index 0, coalesced)
         session = _ChatSession(request_id=base)
 
@@ -400,10 +549,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
             finally:
                 inbox.put(_CLOSED)
 
-        async def pump(job: wpb.Job, outbound: asyncio.Queue) -> None:
+        async def pump(job: wpb.Job, outbound: asyncio.Queue, turn_record: CallRecord) -> None:
             try:
                 async for event in self._events(job, context, prefer=session.address, requests=outbound,
-                                                on_address=session.pin):
+                                                on_address=session.pin, record=turn_record):
                     inbox.put_event(0, event)
             except Exception as exc:
                 inbox.put(exc)
@@ -411,7 +560,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
         reader = asyncio.create_task(read())
         turn: asyncio.Task | None = None
         outbound: asyncio.Queue | None = None
-        quota: Quota | None = None
         closed = False
         sent_metadata = False
         try:
@@ -428,21 +576,27 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     if turn is not None:
                         raise InvalidRequest("turn: a reply is still streaming; send cancel first")
                     if session.num_turns == 0:
-                        session.model = self._resolve_model(record, item.turn.model)
+                        session.model = self._resolve_model(key, item.turn.model)
+                    request_id = f"{base}/{session.num_turns}"
+                    if session.num_turns > 0:
+                        record = CallRecord("Chat", request_id)
+                        record.authenticated(key)
+                        _CURRENT.set(record)
+                    record.request_id, record.turn, record.model = request_id, session.num_turns, session.model
+                    record.inputs, record.started = 1, time.monotonic()
                     field_ = f"turns[{session.num_turns}]"
                     cost = estimate_chat(item.turn.messages, item.turn.parameters)
-                    quota = await self._charge(record, cost, context, f"{base}/{session.num_turns}",
-                                              send_metadata=not sent_metadata)
+                    await self._charge(key, cost, context, record, send_metadata=not sent_metadata)
                     sent_metadata = True
-                    job = self._job(f"{base}/{session.num_turns}", session.model, item.turn.parameters, context)
+                    job = self._job(request_id, session.model, item.turn.parameters, context)
                     job.chat.messages.extend(item.turn.messages)
                     job.history_token_ids.extend(session.history)
                     session.num_turns += 1
                     session.generated = []
-                    log.info("chat_turn_admitted", request_id=job.request_id, key_id=record.key_id,
-                             reserved=cost, history=len(session.history), field=field_)
+                    log.debug("chat_turn_admitted", request_id=job.request_id, key_id=key.key_id,
+                              reserved=cost, history=len(session.history), field=field_)
                     outbound = asyncio.Queue()
-                    turn = asyncio.create_task(pump(job, outbound))
+                    turn = asyncio.create_task(pump(job, outbound, record))
                 elif item.HasField("delta"):
                     session.generated.extend(item.delta.token_ids)
                     yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
@@ -455,37 +609,41 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     await turn
                     outbound.put_nowait(None)  # half-close the finished turn's worker stream (ends its reader)
                     turn, outbound = None, None
-                    if quota is not None:
-                        quota.add_usage(fin.usage)
-                        self._settle(quota)
+                    record.add_usage(fin.usage)
+                    self._settle(record)
+                    self._log_finished(record, grpc.StatusCode.OK)
                     yield pb.ChatEvent(end=pb.TurnEnd(finish_reason=fin.finish_reason, usage=fin.usage))
         finally:
             reader.cancel()
             if turn is not None:
                 turn.cancel()
                 await asyncio.gather(turn, return_exceptions=True)
-            if quota is not None:
-                self._settle(quota)
+            self._settle(record)
 
     @handle_errors
     async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
-        record = await self._authenticate(context)
-        model = self._resolve_model(record, request.model)
+        record = self._begin("CountTokens", context)
+        key = await self._authenticate(context, record)
+        model = record.model = self._resolve_model(key, request.model)
         picked = self.pool.pick(model)
         if picked is None:
             raise NoHealthyWorker("no healthy worker for the model")
+        record.worker = picked[0].address
         forwarded = pb.CountTokensRequest()
         forwarded.CopyFrom(request)
         forwarded.model = model
         try:
-            return await self.pool.stub(picked[0].address).CountTokens(forwarded, timeout=context.time_remaining(),
-                                                                       metadata=self.pool.metadata)
+            response = await self.pool.stub(picked[0].address).CountTokens(
+                forwarded, timeout=context.time_remaining(), metadata=self.pool.metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
+        record.prompt_tokens = response.count
+        return response
 
     @handle_errors
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        await self._authenticate(context)
+        record = self._begin("ListModels", context)
+        await self._authenticate(context, record)
         out = []
         for name in self.pool.models():
             picked = self.pool.pick(name)
@@ -497,6 +655,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     max_context = info.max_context
             out.append(pb.ModelInfo(name=name, max_context=max_context))
         return pb.ListModelsResponse(models=out)
+
+
+class _WrongGuess(Exception):
+    """The key's tier changed since this router last saw it: the one-round-trip charge used the old one."""
 
 
 _CLOSED = object()  # the client half-closed its side of a Chat stream
@@ -546,7 +708,6 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     metrics_http = None
     if config.metrics_port is not None:
         servicer.metrics = RouterMetrics(pool, auth, limiter)
-        servicer.rpc_observer = servicer.metrics.rpc_observer  # requests_total etc. via worker.errors' decorators
         metrics_http = serve_metrics(servicer.metrics.registry, config.host, config.metrics_port)
         log.info("metrics_serving", port=metrics_http.server_port)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

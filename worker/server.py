@@ -239,19 +239,28 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
 
         watcher = asyncio.create_task(watch_cancel())
         try:
-            async for event in self.service.stream(job):
-                if isinstance(event, ErrorEvent):
-                    raise event.error
-                if isinstance(event, TokenEvent):
-                    if event.text or event.token_ids:
-                        yield wpb.WorkerEvent(delta=wpb.TokenDelta(text=event.text, token_ids=event.token_ids))
-                else:
-                    yield wpb.WorkerEvent(finished=wpb.Finished(
-                        finish_reason=int(event.finish_reason), usage=_usage(event),
-                        prompt_token_ids=event.prompt_token_ids,
-                    ))
+            async for event in self._events(job):
+                yield event
         finally:
             watcher.cancel()
+
+    @handle_stream_errors
+    async def Run(self, request: wpb.Job, context) -> AsyncIterator[wpb.WorkerEvent]:
+        async for event in self._events(self._job(request, context)):
+            yield event
+
+    async def _events(self, job: Job) -> AsyncIterator[wpb.WorkerEvent]:
+        async for event in self.service.stream(job):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, TokenEvent):
+                if event.text or event.token_ids:
+                    yield wpb.WorkerEvent(delta=wpb.TokenDelta(text=event.text, token_ids=event.token_ids))
+            else:
+                yield wpb.WorkerEvent(finished=wpb.Finished(
+                    finish_reason=int(event.finish_reason), usage=_usage(event),
+                    prompt_token_ids=event.prompt_token_ids,
+                ))
 
     @handle_errors
     async def Info(self, request, context) -> wpb.InfoResponse:

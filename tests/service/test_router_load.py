@@ -590,7 +590,7 @@ def test_balancing_spreads_load_and_avoids_a_hung_worker(main_router, pro_key, w
 
 class FailingWorker(wpb_grpc.WorkerServicer):
     """Speaks the worker contract, reports SERVING and a real worker's Info, fails every Generate with UNAVAILABLE
-    before sending anything."""
+    before sending anything. It predates Worker.Run (UNIMPLEMENTED): the router falls back to Generate."""
 
     def __init__(self, info: wpb.InfoResponse) -> None:
         self.info = info
@@ -662,3 +662,98 @@ def test_only_a_failing_worker_gives_unavailable(failing_worker, redis_server, t
                                      metadata=auth(pro_key.plaintext), timeout=30))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert fake.generate_calls > calls_before
+
+
+# ---- 9. admission takes one Redis round trip (and settlement one)
+
+
+@pytest.fixture()
+def redis_sends(monkeypatch):
+    """Every request the router's asyncio Redis clients send, as the list of command names in it (a pipeline is
+    one send: one round trip)."""
+    import re
+
+    from redis.asyncio.connection import AbstractConnection
+
+    sends: list[list[str]] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self, command, check_health=True):
+        chunks = [command] if isinstance(command, (bytes, str, memoryview)) else command
+        data = b"".join(bytes(c) if not isinstance(c, str) else c.encode() for c in chunks)
+        sends.append([m.decode() for m in re.findall(rb"\*\d+\r\n\$\d+\r\n([A-Z]+)\r\n", data)])
+        return await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sends
+
+
+def _settled(sends: list, quiet_s: float = 0.3) -> list:
+    """The sends once no new one came for `quiet_s` (background refunds done)."""
+    seen = -1
+    while len(sends) != seen:
+        seen = len(sends)
+        time.sleep(quiet_s)
+    return list(sends)
+
+
+def test_admission_is_one_redis_round_trip_and_settlement_one(stub, redis_server, redis_sends):
+    key = new_keys(redis_server.url, {"meter": "meter"})["meter"]
+    request = pb.GenerateRequest(inputs=["one round trip"], parameters=SMALL)
+    stub.Generate(request, metadata=auth(key.plaintext), timeout=30)  # this router's first sight of the key
+    first = _settled(redis_sends)
+    assert [s for s in first if "EVALSHA" in s or "HGETALL" in s], first
+    for _ in range(3):
+        redis_sends.clear()
+        stub.GenerateStream(request, metadata=auth(key.plaintext), timeout=30).initial_metadata()
+        response = stub.Generate(request, metadata=auth(key.plaintext), timeout=30)
+        assert response.outputs[0].usage.completion_tokens > 0
+        handshake = ("HELLO", "CLIENT", "AUTH", "SELECT")  # a new pooled connection's set-up, once per connection
+        sends = [s for s in _settled(redis_sends) if s and s[0] not in handshake]
+        admissions = [s for s in sends if "HGETALL" in s]
+        refunds = [s for s in sends if "HGETALL" not in s]
+        # two calls: each admitted by one send holding the key lookup and the charge; each settled by at most one
+        # charge (a refund; none when the call used all it reserved) — the cancelled stream's refund at least
+        assert admissions == [["HGETALL", "EVALSHA"]] * 2, sends
+        assert refunds in ([["EVALSHA"]], [["EVALSHA"]] * 2), sends
+
+
+def test_a_wrong_one_round_trip_guess_is_refunded(stub, redis_server, redis_sends):
+    """The one-round-trip admission charges the tier the key had; when the lookup in the same round trip shows the
+    key revoked, restricted to other models or moved to another tier, that charge is given back exactly."""
+    request = pb.GenerateRequest(inputs=["guess"], parameters=SMALL)
+    fields = [(b, f) for b in ("req", "tok") for f in ("tokens",)]
+
+    async def admin(fn):
+        client = connect(redis_server.url, timeout_s=2.0)
+        try:
+            return await fn(client, ApiKeyStore(client))
+        finally:
+            await client.aclose()
+
+    # a key that may use another model only: PERMISSION_DENIED both times, its buckets untouched (full, absent)
+    record, plaintext = asyncio.run(admin(lambda c, s: s.create("guess-model", "meter", ["some-other-model"])))
+    for _ in range(2):
+        assert _code(lambda: stub.Generate(request, metadata=auth(plaintext), timeout=30)) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    _settled(redis_sends)
+    assert [bucket_field(redis_server.url, record.key_id, b, f) for b, f in fields] == [None, None]
+
+    # revoked after a first request: UNAUTHENTICATED, the guessed charge refunded to the exact earlier levels
+    key = new_keys(redis_server.url, {"meter": "meter"})["meter"]
+    stub.Generate(request, metadata=auth(key.plaintext), timeout=30)
+    _settled(redis_sends)
+    before = [bucket_field(redis_server.url, key.key_id, b, f) for b, f in fields]
+    asyncio.run(admin(lambda c, s: s.revoke(key.key_id)))
+    assert _code(lambda: stub.Generate(request, metadata=auth(key.plaintext), timeout=30)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    _settled(redis_sends)
+    assert [bucket_field(redis_server.url, key.key_id, b, f) for b, f in fields] == pytest.approx(before, abs=0.01)
+
+    # moved to another tier: served under the new tier's limits
+    key = new_keys(redis_server.url, {"meter": "meter"})["meter"]
+    _, call = stub.Generate.with_call(request, metadata=auth(key.plaintext), timeout=30)
+    assert dict(call.initial_metadata())["x-ratelimit-limit-requests"] == "1000"
+    asyncio.run(admin(lambda c, s: c.hset(f"lg:key:{key.key_id}", "tier", "limited")))
+    _, call = stub.Generate.with_call(request, metadata=auth(key.plaintext), timeout=30)
+    assert dict(call.initial_metadata())["x-ratelimit-limit-requests"] == "3"

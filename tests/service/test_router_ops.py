@@ -66,6 +66,7 @@ def test_worker_refuses_calls_without_the_internal_token(worker):
         calls = {
             "unary": lambda md: internal.Info(wpb.InfoRequest(), metadata=md, timeout=10),
             "bidi": lambda md: list(internal.Generate(iter([job]), metadata=md, timeout=10)),
+            "run": lambda md: list(internal.Run(job.job, metadata=md, timeout=10)),
             "server-stream": lambda md: list(public.GenerateStream(
                 pb.GenerateRequest(inputs=["hi"], parameters=GREEDY), metadata=md, timeout=10)),
         }

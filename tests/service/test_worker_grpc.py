@@ -73,6 +73,19 @@ def test_context_clamp_reports_length(internal, channel):
     assert final.usage.prompt_tokens == info.max_context - 1
 
 
+def test_worker_run_streams_what_generate_streams(internal):
+    """Run (one job, no later messages) gives the same events as the bidirectional Generate, and the same
+    INVALID_ARGUMENT naming the field for a bad job."""
+    job = wpb.Job(request_id="run-a", text="Tell me a story", parameters=params(max_new_tokens=12, temperature=0.0))
+    ran = list(internal.Run(job, timeout=120))
+    job.request_id = "run-b"
+    streamed = list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=120))
+    assert ran == streamed and ran[-1].HasField("finished")
+    with pytest.raises(grpc.RpcError) as err:
+        list(internal.Run(wpb.Job(request_id="run-c", parameters=params()), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "job.prompt" in err.value.details()
+
+
 def test_worker_generate_cancel(internal):
     requests: queue.Queue = queue.Queue()
     job = wpb.Job(request_id="to-cancel", text="Count to a thousand",

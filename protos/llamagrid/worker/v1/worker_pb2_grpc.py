@@ -41,6 +41,11 @@ class WorkerStub:
                 request_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
                 response_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_stream(
+                '/llamagrid.worker.v1.Worker/Run',
+                request_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.Job.SerializeToString,
+                response_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/llamagrid.worker.v1.Worker/Info',
                 request_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
@@ -65,6 +70,14 @@ class WorkerServicer:
     def Generate(self, request_iterator, context):
         """First client message: the job. Later client messages: a cancel. Server events: token deltas,
         then one final event. One request per stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Run(self, request, context):
+        """One job that needs no later message (cancel it by cancelling the call): the same events as Generate,
+        with the job sent in the call's first and only request, so the call starts in one round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +110,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Generate': grpc.stream_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerRequest.FromString,
+                    response_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.SerializeToString,
+            ),
+            'Run': grpc.unary_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.Job.FromString,
                     response_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -142,6 +160,33 @@ class Worker:
             target,
             '/llamagrid.worker.v1.Worker/Generate',
             protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerRequest.SerializeToString,
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llamagrid.worker.v1.Worker/Run',
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.Job.SerializeToString,
             protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
             options,
             channel_credentials,
