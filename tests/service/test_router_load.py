@@ -688,7 +688,7 @@ def redis_sends(monkeypatch):
     return sends
 
 
-def _settled(sends: list, quiet_s: float = 0.3) -> list:
+def _settled(sends: list, quiet_s: float = 1.0) -> list:
     """The sends once no new one came for `quiet_s` (background refunds done)."""
     seen = -1
     while len(sends) != seen:
