@@ -58,7 +58,7 @@ def _up(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else ensure_tiny_model()
     return up(model, replicas=args.replicas, tp=args.tp, port=args.port, demo_only=args.demo_only,
-              log_level=args.log_level, is_tiny=args.model is None)
+              log_level=args.log_level, is_tiny=args.model is None, metrics=args.metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=50051, help="the router's port (0 picks a free one)")
     u.add_argument("--demo-only", action="store_true", help="exit after the demo")
     u.add_argument("--log-level", default="info", help="log level of every process (JSON lines in the run dir)")
+    u.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="serve no Prometheus /metrics (default: every process serves one on a free loopback port)")
     u.set_defaults(func=_up)
 
     from router.keys_cli import add_keys_parser

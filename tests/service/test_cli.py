@@ -116,3 +116,10 @@ def test_make_tiny_model_command(tmp_path):
                            "--layers", "1", "--kv-heads", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+
+
+def test_up_metrics_switch():
+    from worker.cli import build_parser
+
+    assert build_parser().parse_args(["up"]).metrics is True
+    assert build_parser().parse_args(["up", "--no-metrics"]).metrics is False
