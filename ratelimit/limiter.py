@@ -148,6 +148,14 @@ class RateLimiter:
         req, tok = await self._charge(key, [(REQUESTS, rpm, -1), (TOKENS, tpm, -tokens)])
         return QuotaDecision(requests=req, tokens=tok)
 
+    async def debit(self, key: str, limit: Limit, amount: int, bucket: str = TOKENS) -> Decision:
+        """Take `amount` units from a bucket of `key` even when it cannot pay (it goes below zero and later calls
+        wait for the refill): usage found after the fact, e.g. tokens a request used beyond its reservation."""
+        if amount < 0:
+            raise ValueError(f"debit amount must be >= 0, got {amount!r}")
+        (decision,) = await self._charge(key, [(bucket, limit, amount)], force=True)
+        return decision
+
     async def refund(self, key: str, limit: Limit, amount: int, bucket: str = TOKENS) -> Decision:
         """Give back `amount` unused units to a bucket of `key`; the bucket never exceeds its burst."""
         if amount < 0:
@@ -155,15 +163,19 @@ class RateLimiter:
         (decision,) = await self._charge(key, [(bucket, limit, -amount)])
         return decision
 
-    def _script_args(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[list[str], list]:
+    def _script_args(self, key: str, requests: Sequence[tuple[str, Limit, int]],
+                     force: bool = False) -> tuple[list[str], list]:
         keys, args = [], []
         for bucket, limit, cost in requests:
             keys.append(self.bucket_key(key, bucket))
             args += [repr(limit.rate_per_ms), limit.burst, cost]
+        if force:
+            args.append("1")
         return keys, args
 
-    async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:
-        raw = await self._run(*self._script_args(key, requests))
+    async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]],
+                      force: bool = False) -> tuple[Decision, ...]:
+        raw = await self._run(*self._script_args(key, requests, force))
         return tuple(_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
 
     async def _run(self, keys: list[str], args: list) -> list:

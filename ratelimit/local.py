@@ -36,6 +36,13 @@ class LocalLimiter:
         req, tok = self.acquire(key, [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)])
         return QuotaDecision(requests=req, tokens=tok)
 
+    def debit(self, key: str, limit: Limit, amount: int, bucket: str = TOKENS) -> Decision:
+        """Take `amount` units even when the bucket cannot pay (it goes into debt); see RateLimiter.debit."""
+        if amount < 0:
+            raise ValueError(f"debit amount must be >= 0, got {amount!r}")
+        (decision,) = self._charge(key, [(bucket, limit, amount)], force=True)
+        return decision
+
     def refund(self, key: str, limit: Limit, amount: int, bucket: str = TOKENS) -> Decision:
         """Give back `amount` unused units; the bucket never exceeds its burst."""
         if amount < 0:
@@ -43,13 +50,14 @@ class LocalLimiter:
         (decision,) = self._charge(key, [(bucket, limit, -amount)])
         return decision
 
-    def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:
+    def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]],
+                force: bool = False) -> tuple[Decision, ...]:
         now = self._clock()
         levels = []
         for bucket, limit, _ in requests:
             level, ts = self._buckets.get((key, bucket), (float(limit.burst), now))
             levels.append(min(limit.burst, level + max(0.0, now - ts) * limit.rate_per_minute / 60.0))
-        all_allowed = all(level >= cost for level, (_, _, cost) in zip(levels, requests, strict=True))
+        all_allowed = force or all(level >= cost for level, (_, _, cost) in zip(levels, requests, strict=True))
         out = []
         for level, (bucket, limit, cost) in zip(levels, requests, strict=True):
             allowed = level >= cost

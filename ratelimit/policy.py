@@ -111,19 +111,26 @@ class GuardedLimiter:
 
         Under FAIL_OPEN a failed refund goes to the local buckets; under FAIL_CLOSED it is dropped (None).
         """
+        return await self._settle("refund", key, tier, amount, bucket)
+
+    async def debit(self, key: str, tier: Tier, amount: int, bucket: str = TOKENS) -> Decision | None:
+        """Take units used beyond a reservation, even into debt; best effort like refund()."""
+        return await self._settle("debit", key, tier, amount, bucket)
+
+    async def _settle(self, op: str, key: str, tier: Tier, amount: int, bucket: str) -> Decision | None:
         limit = tier.tokens if bucket == TOKENS else tier.requests
         if self._redis_usable():
             try:
-                d = await self.redis.refund(key, limit, amount, bucket)
+                d = await getattr(self.redis, op)(key, limit, amount, bucket)
             except RateLimitBackendError as exc:
-                self._failed(key, "refund", exc)
+                self._failed(key, op, exc)
             else:
                 self._succeeded()
                 return d
         if self.policy is FailurePolicy.FAIL_CLOSED:
             return None
         self.counters.fallbacks += 1
-        return self.local.refund(key, limit, amount, bucket)
+        return getattr(self.local, op)(key, limit, amount, bucket)
 
     def _redis_usable(self) -> bool:
         return self._failed_at is None or self._clock() - self._failed_at >= self.cooldown_s

@@ -4,6 +4,8 @@
 -- ARGV[3i-2]   refill rate in tokens per millisecond (> 0)
 -- ARGV[3i-1]   burst: the bucket's capacity (>= 1)
 -- ARGV[3i]     cost to debit; a negative cost is a refund (the result is capped at burst)
+-- ARGV[3n+1]   optional: '1' forces the debit even when a bucket cannot pay (it goes into debt: below zero, so
+--              later calls wait until it refills), for usage found after the fact; `allowed` still says if it fit
 --
 -- Returns, per bucket, {allowed, remaining, retry_after_ms, reset_after_ms}, flattened, as strings (floats survive):
 --   allowed         1 if this bucket alone could pay its cost now, else 0
@@ -16,6 +18,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 
 local n = #KEYS
+local force = ARGV[3 * n + 1] == '1'
 local rates, bursts, costs, levels = {}, {}, {}, {}
 local all_allowed = true
 for i = 1, n do
@@ -28,7 +31,7 @@ for i = 1, n do
     tokens = math.min(burst, tokens + (now - ts) * rate)
   end
   rates[i], bursts[i], costs[i], levels[i] = rate, burst, cost, tokens
-  if tokens < cost then all_allowed = false end
+  if tokens < cost and not force then all_allowed = false end
 end
 
 local out = {}

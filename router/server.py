@@ -302,25 +302,29 @@ class RouterServicer(pb_grpc.InferenceServicer):
         return task
 
     def _settle(self, record: CallRecord) -> None:
-        """Refund what `record` reserved and did not use, in the background: the client's response does not wait
-        for Redis. Idempotent; nothing for a call that was never charged. `settle_pending()` waits for every
-        refund still running (used when the router stops)."""
+        """Refund what `record` reserved and did not use — or charge what it used beyond its reservation (the
+        prompt estimate can fall short), into debt if need be — in the background: the client's response does not
+        wait for Redis. Idempotent; nothing for a call that was never charged. `settle_pending()` waits for every
+        settlement still running (used when the router stops)."""
         if record.refunded or record.tier is None:
             return
         record.refunded = True
         unused = record.reserved - record.used
         log.debug("request_settled", request_id=record.request_id, key_id=record.key_id, reserved=record.reserved,
-                  used=record.used, refunded=max(unused, 0))
-        if unused > 0:
-            self._background(self._refund(record.key_id, record.tier, unused))
+                  used=record.used, refunded=unused)
+        if unused:
+            self._background(self._adjust(record.key_id, record.tier, unused))
 
     async def settle_pending(self) -> None:
         if self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
 
-    async def _refund(self, key_id: str, tier: Tier, unused: int) -> None:
+    async def _adjust(self, key_id: str, tier: Tier, unused: int) -> None:
         with contextlib.suppress(Exception):  # best effort; the limiter logs backend failures itself
-            await self.limiter.refund(key_id, tier, unused)
+            if unused > 0:
+                await self.limiter.refund(key_id, tier, unused)
+            else:
+                await self.limiter.debit(key_id, tier, -unused)
 
     # ---- worker calls
 

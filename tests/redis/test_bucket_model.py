@@ -48,10 +48,11 @@ class Expected:
 
 
 def model_charge(buckets: dict[str, ModelBucket], limits: dict[str, Limit],
-                 ops: list[tuple[str, int]]) -> list[Expected]:
-    """What token_bucket.lua should answer for one call of (bucket, cost) pairs; a negative cost is a refund."""
+                 ops: list[tuple[str, int]], force: bool = False) -> list[Expected]:
+    """What token_bucket.lua should answer for one call of (bucket, cost) pairs; a negative cost is a refund;
+    `force` debits even what does not fit (debt)."""
     levels = [buckets[name].current for name, _ in ops]
-    all_allowed = all(level >= cost for level, (_, cost) in zip(levels, ops, strict=True))
+    all_allowed = force or all(level >= cost for level, (_, cost) in zip(levels, ops, strict=True))
     out = []
     for level, (name, cost) in zip(levels, ops, strict=True):
         limit = limits[name]
@@ -84,7 +85,8 @@ acquire_quota = st.tuples(st.just("quota"), st.integers(0, 140))
 acquire_pair = st.tuples(st.just("pair"), st.integers(0, 10), st.integers(0, 140))
 acquire_one = st.tuples(st.just("acquire"), st.sampled_from([REQUESTS, TOKENS]), st.integers(0, 140))
 refund = st.tuples(st.just("refund"), st.sampled_from([REQUESTS, TOKENS]), st.integers(0, 150))
-operations = st.lists(st.one_of(acquire_quota, acquire_pair, acquire_one, refund), min_size=1, max_size=25)
+debit = st.tuples(st.just("debit"), st.sampled_from([REQUESTS, TOKENS]), st.integers(0, 150))
+operations = st.lists(st.one_of(acquire_quota, acquire_pair, acquire_one, refund, debit), min_size=1, max_size=25)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +120,15 @@ def test_bucket_sequences_match_the_reference_model(redis_url, bursts, ops):
                     _, name, cost = op
                     calls = [(name, cost)]
                     decisions = list(await limiter.acquire(key, [(name, limits[name], cost)]))
+                elif op[0] == "debit":
+                    _, name, amount = op
+                    calls = [(name, amount)]
+                    decisions = [await limiter.debit(key, limits[name], amount, bucket=name)]
                 else:
                     _, name, amount = op
                     calls = [(name, -amount)]
                     decisions = [await limiter.refund(key, limits[name], amount, bucket=name)]
-                expected = model_charge(buckets, limits, calls)
+                expected = model_charge(buckets, limits, calls, force=op[0] == "debit")
                 elapsed = time.monotonic() - started + 0.01
                 for (name, cost), d, e in zip(calls, decisions, expected, strict=True):
                     what = f"step {step} {op}: bucket {name} cost {cost}: got {d}, model {e}"

@@ -106,6 +106,26 @@ def test_refund_returns_tokens_but_never_above_burst(run):
     run(body)
 
 
+def test_debit_goes_into_debt_and_later_calls_wait(run):
+    """Usage found after the fact (tokens beyond a reservation) is charged even when the bucket cannot pay: it goes
+    below zero, and the next call waits for the refill of the debt plus its cost."""
+    tpm = Limit(6000, burst=100)  # 100 per second
+
+    async def body(limiter, client):
+        (taken,) = await limiter.acquire("k", [(TOKENS, tpm, 90)])
+        assert taken.remaining == 10
+        debt = await limiter.debit("k", tpm, 60)
+        assert not debt.allowed and debt.remaining == 0 and debt.reset_after_s == pytest.approx(1.5, abs=0.05)
+        (after,) = await limiter.acquire("k", [(TOKENS, tpm, 10)])
+        assert not after.allowed and after.retry_after_s == pytest.approx(0.6, abs=0.05)  # -50 + 60 refilled = 10
+        level = float(await client.hget(limiter.bucket_key("k", TOKENS), "tokens"))
+        assert -51 < level < -45
+        with pytest.raises(ValueError):
+            await limiter.debit("k", tpm, -1)
+
+    run(body)
+
+
 def test_keys_expire_when_full_again(run):
     async def body(limiter, client):
         await limiter.acquire_quota("k", Limit(60, burst=10), Limit(6000, burst=1000), tokens=500)

@@ -175,6 +175,20 @@ def test_local_refund_capped_at_burst():
         lim.acquire("k", [("tok", TPM, -1)])
 
 
+def test_local_debit_goes_into_debt_and_later_calls_wait():
+    clock = Clock()
+    lim = LocalLimiter(clock)
+    assert lim.acquire_quota("k", RPM, TPM, 90).tokens.remaining == 10
+    d = lim.debit("k", TPM, 30)  # used 30 more than reserved: charged anyway, 20 in debt
+    assert not d.allowed and d.remaining == 0 and d.reset_after_s == pytest.approx(12.0)
+    d = lim.acquire_quota("k", RPM, TPM, 10)
+    assert not d.allowed and d.tokens.retry_after_s == pytest.approx(3.0)  # from -20 to 10 at 10/s
+    clock.t += 3.0
+    assert lim.acquire_quota("k", RPM, TPM, 10).allowed
+    with pytest.raises(ValueError):
+        lim.debit("k", TPM, -1)
+
+
 def test_local_bounded_memory():
     lim = LocalLimiter(Clock(), max_buckets=10)
     for i in range(50):
