@@ -360,6 +360,15 @@ class _Base:
         return pb.GenerateRequest(model=self.model if model is None else model, inputs=inputs,
                                   parameters=sampling_parameters(**params))
 
+    def _wait_or_raise(self, exc: grpc.RpcError, attempt: int, deadline: _Deadline, streamed: bool = False) -> float:
+        """The pause before retrying a failed call (its `attempt`), or its LlamagridError raised when the retry
+        policy says stop. Shared by the sync and async clients' retry loops."""
+        error = error_from_rpc(exc, streamed=streamed)
+        wait = self.retry.delay_s(attempt, error, deadline.remaining())
+        if wait is None:
+            raise error from exc
+        return wait
+
     def _deadline(self, timeout: float | None) -> _Deadline:
         return _Deadline(self.timeout if timeout is None else timeout)
 
@@ -401,10 +410,7 @@ class Client(_Base):
             try:
                 return method(request, metadata=self.metadata, timeout=deadline.remaining())
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
-                wait = self.retry.delay_s(attempt, error, deadline.remaining())
-                if wait is None:
-                    raise error from exc
+                wait = self._wait_or_raise(exc, attempt, deadline)
             time.sleep(wait)
 
     def _stream(self, start: Callable[[float | None], Any], timeout: float | None) -> Iterator[Any]:
@@ -420,10 +426,7 @@ class Client(_Base):
                     yield message
                 return
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc, streamed=streamed)
-                wait = self.retry.delay_s(attempt, error, deadline.remaining())
-                if wait is None:
-                    raise error from exc
+                wait = self._wait_or_raise(exc, attempt, deadline, streamed=streamed)
             finally:
                 call.cancel()  # a no-op once finished; stops the call when the caller abandons the iterator
             time.sleep(wait)
@@ -658,10 +661,7 @@ class AsyncClient(_Base):
             try:
                 return await method(request, metadata=self.metadata, timeout=deadline.remaining())
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
-                wait = self.retry.delay_s(attempt, error, deadline.remaining())
-                if wait is None:
-                    raise error from exc
+                wait = self._wait_or_raise(exc, attempt, deadline)
             await asyncio.sleep(wait)
 
     async def _stream(self, start: Callable[[float | None], Any], timeout: float | None) -> AsyncIterator[Any]:
@@ -677,10 +677,7 @@ class AsyncClient(_Base):
                     yield message
                 return
             except grpc.RpcError as exc:
-                error = error_from_rpc(exc, streamed=streamed)
-                wait = self.retry.delay_s(attempt, error, deadline.remaining())
-                if wait is None:
-                    raise error from exc
+                wait = self._wait_or_raise(exc, attempt, deadline, streamed=streamed)
             finally:
                 call.cancel()
             await asyncio.sleep(wait)
