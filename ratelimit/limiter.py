@@ -140,7 +140,7 @@ class RateLimiter:
                     break
         except (RedisError, OSError, TimeoutError) as exc:
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
-        req, tok = (_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
+        req, tok = _decisions(raw, requests)
         return reply, QuotaDecision(requests=req, tokens=tok)
 
     async def refund_quota(self, key: str, rpm: Limit, tpm: Limit, tokens: int) -> QuotaDecision:
@@ -175,8 +175,7 @@ class RateLimiter:
 
     async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]],
                       force: bool = False) -> tuple[Decision, ...]:
-        raw = await self._run(*self._script_args(key, requests, force))
-        return tuple(_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
+        return _decisions(await self._run(*self._script_args(key, requests, force)), requests)
 
     async def _run(self, keys: list[str], args: list) -> list:
         try:
@@ -184,6 +183,11 @@ class RateLimiter:
                 return await self._script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _decisions(raw: list, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:
+    """The script's flat reply (four values per bucket) as one Decision per (bucket, limit, cost)."""
+    return tuple(_decision(raw[4 * i:4 * i + 4], limit) for i, (_, limit, _) in enumerate(requests))
 
 
 def _decision(raw: list, limit: Limit) -> Decision:

@@ -162,14 +162,12 @@ class ApiKeyStore:
         key_id = parse_key_id(presented)
         return None if key_id is None else ("HGETALL", self._hash_key(key_id))
 
-    def verify(self, presented: str, raw: dict | list) -> KeyRecord | None:
+    def verify(self, presented: str, raw: dict) -> KeyRecord | None:
         """The record of `presented` from the reply to its lookup_command, or None (unknown, wrong secret, revoked,
         malformed). Digests are compared in constant time."""
         key_id = parse_key_id(presented)
         if key_id is None:
             return None
-        if isinstance(raw, list):  # a raw HGETALL reply: [field, value, field, value, ...]
-            raw = dict(zip(raw[::2], raw[1::2], strict=True))
         stored = next((_text(v) for k, v in raw.items() if _text(k) == "digest"), None)
         if stored is None or not hmac.compare_digest(stored.encode(), self.digest(presented).encode()):
             return None

@@ -94,8 +94,8 @@ def estimate_chat(messages, params: pb.SamplingParameters) -> int:
 @dataclass
 class CallRecord:
     """One request (one Chat turn) as the router saw it: who sent it, what it reserved from whose bucket, what the
-    workers reported using, how it went. Settled once (unused tokens refunded) and logged once, when it ends, as
-    `request_finished` — ids, names and numbers only, never text."""
+    workers reported using, how it went. Settled once (unused tokens refunded, excess charged) and logged once,
+    when it ends, as `request_finished` — ids, names and numbers only, never text."""
 
     method: str
     request_id: str
@@ -113,7 +113,7 @@ class CallRecord:
     first_token_at: float | None = None
     failovers: int = 0
     worker: str = ""
-    refunded: bool = False
+    settled: bool = False
     logged: bool = False
 
     @property
@@ -280,14 +280,14 @@ class RouterServicer(pb_grpc.InferenceServicer):
             key = self.auth.verify_reply(presented, reply)
             record.authenticated(key)
             model = self._resolve_model(key, requested_model)
-            if key.tier != tier_name:
-                raise _WrongGuess
-        except BaseException as exc:
+        except BaseException:
             if d.allowed:
                 self._background(self.limiter.refund_quota(key_id, tier, cost))
-            if isinstance(exc, _WrongGuess):
-                return key, model, None
             raise
+        if key.tier != tier_name:  # the key moved to another tier since: undo, charge it at the new one
+            if d.allowed:
+                self._background(self.limiter.refund_quota(key_id, tier, cost))
+            return key, model, None
         return key, model, (tier, d)
 
     def _decided(self, outcome: str) -> None:
@@ -306,9 +306,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
         prompt estimate can fall short), into debt if need be — in the background: the client's response does not
         wait for Redis. Idempotent; nothing for a call that was never charged. `settle_pending()` waits for every
         settlement still running (used when the router stops)."""
-        if record.refunded or record.tier is None:
+        if record.settled or record.tier is None:
             return
-        record.refunded = True
+        record.settled = True
         unused = record.reserved - record.used
         log.debug("request_settled", request_id=record.request_id, key_id=record.key_id, reserved=record.reserved,
                   used=record.used, refunded=unused)
@@ -659,10 +659,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     max_context = info.max_context
             out.append(pb.ModelInfo(name=name, max_context=max_context))
         return pb.ListModelsResponse(models=out)
-
-
-class _WrongGuess(Exception):
-    """The key's tier changed since this router last saw it: the one-round-trip charge used the old one."""
 
 
 _CLOSED = object()  # the client half-closed its side of a Chat stream

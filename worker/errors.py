@@ -122,9 +122,12 @@ def handle_errors(method):
             raise
         except Exception as e:
             code = _status_of(e)
+            _observe(self, method, code, started)  # before the status goes out: a client that saw it sees it counted
+            code = None
             await _abort_for(context, e, method.__name__)
         finally:
-            _observe(self, method, code, started)
+            if code is not None:
+                _observe(self, method, code, started)
 
     return wrapper
 
@@ -146,8 +149,11 @@ def handle_stream_errors(method):
             raise
         except Exception as e:
             code = _status_of(e)
+            _observe(self, method, code, started)  # before the status goes out (see handle_errors)
+            code = None
             await _abort_for(context, e, method.__name__)
         finally:
-            _observe(self, method, code, started)
+            if code is not None:
+                _observe(self, method, code, started)
 
     return wrapper
