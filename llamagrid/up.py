@@ -14,12 +14,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker.ports import free_ports
 
 DEMO_TIER = "pro"
 TINY_KV_CACHE_TOKENS = 16384  # the generated model's KV is small; do not size it from the machine's RAM
@@ -128,20 +129,6 @@ def _demo_chat(address: str, key: str, timeout_s: float = 120.0) -> None:
         print(f"\n[finish={end.finish_reason} prompt_tokens={end.usage.prompt_tokens} "
               f"completion_tokens={end.usage.completion_tokens}]", flush=True)
         chat.close()
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports free right now (all bound at once, then released for the processes to take)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def metrics_url(port: int) -> str:

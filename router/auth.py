@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -19,7 +20,7 @@ log = structlog.get_logger("router.auth")
 
 FAILURE_WINDOW_S = 60.0
 _MAX_PEERS = 10_000
-_MAX_TIER_HINTS = 100_000
+_MAX_VERIFIED = 100_000
 
 
 class FailureCounter:
@@ -118,7 +119,8 @@ class Authenticator:
         self.stale_hits = 0
         self.failure_counts: dict[str, int] = {"missing": 0, "invalid": 0, "blocked": 0}  # read by router.metrics
         self.backend_errors = 0  # key-store (Redis) failures, read by router.metrics
-        self._tiers: dict[str, str] = {}  # key id -> tier, of keys verified here (see speculation)
+        # key id -> (tier, digest of the exact key, record), of keys verified here (see speculation and known)
+        self._verified: dict[str, tuple[str, str, KeyRecord]] = {}
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> KeyRecord:
         presented = self.begin(context)
@@ -147,9 +149,18 @@ class Authenticator:
         if presented.token is None:
             return None
         key_id = parse_key_id(presented.token)
-        tier = self._tiers.get(key_id) if key_id is not None else None
-        command = self.store.lookup_command(presented.token) if tier is not None else None
-        return None if command is None else (command, key_id, tier)
+        seen = self._verified.get(key_id) if key_id is not None else None
+        command = self.store.lookup_command(presented.token) if seen is not None else None
+        return None if command is None else (command, key_id, seen[0])
+
+    def known(self, presented: Presented) -> KeyRecord | None:
+        """The record this router last verified for exactly the presented key (same id AND secret), or None. A
+        hint only — the key may have been revoked since: the caller still verifies it (verify_reply)."""
+        key_id = parse_key_id(presented.token) if presented.token is not None else None
+        seen = self._verified.get(key_id) if key_id is not None else None
+        if seen is None or not hmac.compare_digest(seen[1], self.store.digest(presented.token)):
+            return None
+        return seen[2]
 
     def verify_reply(self, presented: Presented, reply: object) -> KeyRecord:
         """finish() for the reply of a lookup sent by the caller (see speculation)."""
@@ -170,11 +181,12 @@ class Authenticator:
             log.info("auth_failed", peer=presented.peer_host, reason=reason)
             key_id = parse_key_id(presented.token) if presented.token is not None else None
             if key_id is not None:
-                self._tiers.pop(key_id, None)
+                self._verified.pop(key_id, None)
             raise Unauthenticated("missing or invalid API key")
-        self._tiers[record.key_id] = record.tier
-        if len(self._tiers) > _MAX_TIER_HINTS:
-            self._tiers.pop(next(iter(self._tiers)))
+        self._verified.pop(record.key_id, None)  # re-inserted last: the oldest-verified ids go first when full
+        self._verified[record.key_id] = (record.tier, self.store.digest(presented.token), record)
+        if len(self._verified) > _MAX_VERIFIED:
+            self._verified.pop(next(iter(self._verified)))
         return record
 
     async def _lookup(self, token: str) -> KeyRecord | None:

@@ -39,6 +39,7 @@ class RouterConfig:
     retry_attempts: int = 3  # failovers per request: worker failures before or during its stream (then resumed)
     failover_wait_s: float = 30.0  # a failed-over request waits this long (or its deadline) for a healthy worker
     drain_grace_s: float = 30.0  # on SIGTERM: in-flight calls get this long to finish
+    dispatch_ahead: bool = True  # start a verified key's job while its admission is in flight (router.ahead)
     tls_cert: Path | None = None  # PEM chain for the client port; with tls_key, or neither (plaintext)
     tls_key: Path | None = None
     internal_token: str | None = field(default=None, repr=False)  # secret sent to workers (worker.internal_auth)
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a failed-over request waits for a healthy worker (bounded by its deadline)")
     p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default,
                    help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--no-dispatch-ahead", dest="dispatch_ahead", action="store_false",
+                   help="send a job to a worker only after its admission (default: a key verified here before, with "
+                        "rate-limit room left, is dispatched while the admission round trip is in flight)")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for the client port")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     p.add_argument("--internal-token-file", type=Path, default=None,
@@ -140,6 +144,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         retry_attempts=args.retry_attempts,
         failover_wait_s=args.failover_wait,
         drain_grace_s=args.drain_grace,
+        dispatch_ahead=args.dispatch_ahead,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         internal_token=read_internal_token(args.internal_token_file, env),

@@ -22,6 +22,9 @@ llamagrid_router_ratelimit_decisions_total    counter    outcome         admissi
                                                                          allowed_local (local buckets, Redis down,
                                                                          fail-open), limited (RESOURCE_EXHAUSTED),
                                                                          unavailable (fail-closed)
+llamagrid_router_dispatch_ahead_total         counter    outcome         requests sent to a worker while their admission
+                                                                         was in flight (router.ahead): kept (admitted)
+                                                                         or cancelled (denied, or the key failed)
 llamagrid_router_ratelimit_fallbacks_total    counter    -               answers (charges and refunds) given by the
                                                                          local buckets while Redis was failing
 llamagrid_router_ratelimit_recoveries_total   counter    -               Redis came back after failing
@@ -51,6 +54,7 @@ from worker.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics
 
 INFERENCE_SERVICE = "llamagrid.v1.Inference"
 DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "unavailable")
+AHEAD_OUTCOMES = ("kept", "cancelled")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "blocked")
 
 
@@ -64,6 +68,9 @@ class RouterMetrics:
         decisions = Counter("llamagrid_router_ratelimit_decisions", "Rate-limit admission decisions by outcome.",
                             ["outcome"], registry=self.registry)
         self._decisions = {o: decisions.labels(o) for o in DECISION_OUTCOMES}  # every outcome exported from 0
+        ahead = Counter("llamagrid_router_dispatch_ahead", "Jobs sent to a worker while their admission was in "
+                        "flight, by outcome.", ["outcome"], registry=self.registry)
+        self._ahead = {o: ahead.labels(o) for o in AHEAD_OUTCOMES}
         self.ttft = Histogram("llamagrid_router_time_to_first_token_seconds",
                               "Worker job sent to its first token, failovers included.", ["model"],
                               buckets=TTFT_BUCKETS, registry=self.registry)
@@ -75,6 +82,9 @@ class RouterMetrics:
 
     def ratelimit_decision(self, outcome: str) -> None:
         self._decisions[outcome].inc()
+
+    def dispatch_ahead(self, outcome: str) -> None:
+        self._ahead[outcome].inc()
 
     # `model` below: a name already checked against the pool's healthy models (RouterServicer._resolve_model)
 

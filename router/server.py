@@ -23,6 +23,7 @@ from ratelimit.limiter import RateLimiter, connect
 from ratelimit.policy import FailurePolicy, GuardedDecision, GuardedLimiter, LimiterUnavailable
 from ratelimit.redis_server import RedisServer
 from ratelimit.tiers import Tier, TierSource
+from router.ahead import Headroom
 from router.auth import Authenticator, LastKnownKeys, Presented, check_model
 from router.config import RouterConfig
 from router.discovery import from_spec
@@ -37,6 +38,7 @@ from router.errors import (
     handle_errors,
     handle_stream_errors,
 )
+from router.fanout import Fanout
 from router.health import HEALTH_SERVICE, INFERENCE_SERVICE, RouterHealth
 from router.keys import ApiKeyStore, KeyRecord
 from router.metrics import RouterMetrics, serve_metrics, stop_metrics
@@ -115,6 +117,7 @@ class CallRecord:
     worker: str = ""
     settled: bool = False
     logged: bool = False
+    headers: asyncio.Task | None = None  # the initial metadata (rate-limit headers) being sent, see _charge
 
     @property
     def used(self) -> int:
@@ -178,6 +181,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.metrics: RouterMetrics | None = None  # set by build_router when metrics are served
         self._settling: set[asyncio.Task] = set()
         self._no_run: set[str] = set()  # workers that answered Worker.Run with UNIMPLEMENTED (an older version)
+        self._headroom = Headroom()  # rate-limit room per key, as last seen here (dispatch ahead: router.ahead)
 
     # ---- calls
 
@@ -194,7 +198,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
             self.metrics.rpc_observer(method, code, seconds)
         record = _CURRENT.get()
         if record is not None and not record.logged:
-            self._log_finished(record, code)
+            record.logged = True  # written just after: the call's status goes out first, rendering is off its path
+            asyncio.get_running_loop().call_soon(self._log_finished, record, code)
 
     def _log_finished(self, record: CallRecord, code: grpc.StatusCode) -> None:
         record.logged = True
@@ -208,8 +213,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         return key
 
     def _resolve_model(self, record: KeyRecord, requested: str) -> str:
-        models = self.pool.models()
-        model = requested or self.config.default_model or self.pool.default_model()
+        models = self.pool.models()  # (one snapshot of the pool: the first name is the pool's default model)
+        model = requested or self.config.default_model or next(iter(models), None)
         if model is None:
             raise NoHealthyWorker("no healthy worker")
         if model not in models:
@@ -240,6 +245,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         else:
             tier, d = decided
         self._decided("limited" if not d.allowed else "allowed_local" if d.degraded else "allowed")
+        self._headroom.saw(key.key_id, d)
         if not d.allowed:
             violations = []
             if not d.requests.allowed:
@@ -251,9 +257,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
             raise RateLimited("rate limit exceeded", d.retry_after_s, tuple(violations))
         record.tier, record.reserved = tier, tokens
         if send_metadata:
-            # Sent while the worker call starts, not awaited first: gRPC keeps the order of a call's operations,
-            # so the headers still precede the first message.
-            self._background(_send_metadata(context, (
+            # Sent while the worker call starts; `record.headers` must be done before the call's first message
+            # (_headers_out): two operations in flight at once may reach the wire in either order.
+            record.headers = self._background(_send_metadata(context, (
                 ("x-ratelimit-limit-requests", str(d.requests.limit)),
                 ("x-ratelimit-remaining-requests", str(d.requests.remaining)),
                 ("x-ratelimit-remaining-tokens", str(d.tokens.remaining)),
@@ -289,6 +295,12 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 self._background(self.limiter.refund_quota(key_id, tier, cost))
             return key, model, None
         return key, model, (tier, d)
+
+    @staticmethod
+    async def _headers_out(record: CallRecord) -> None:
+        """Wait until the call's initial metadata has gone out (a no-op once it has)."""
+        if record.headers is not None and not record.headers.done():
+            await record.headers
 
     def _decided(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -442,73 +454,104 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 else:
                     call.cancel()
 
-    async def _merged(self, jobs: list[wpb.Job], context,
-                      record: CallRecord) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
-        """Run every job concurrently (each on its own worker pick); yield (index, event) as the client takes them,
-        deltas that waited for a slow client merged (router.outbox)."""
-        outbox = Outbox()
+    def _fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Fanout:
+        """Start every job now, each on its own worker pick (with failover: _events)."""
+        return Fanout(jobs, lambda job: self._events(job, context, record=record))
 
-        async def pump(index: int, job: wpb.Job) -> None:
-            try:
-                async for event in self._events(job, context, record=record):
-                    outbox.put_event(index, event)
-            except Exception as exc:
-                outbox.put(exc)
+    async def _close(self, fanout: Fanout | None) -> None:
+        if fanout is None:
+            return
+        await fanout.close()
+        if fanout.outbox.merged:
+            log.debug("deltas_coalesced", request_id=fanout.jobs[0].request_id, merged=fanout.outbox.merged)
 
-        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
-        remaining = len(jobs)
-        try:
-            while remaining:
-                index, event = await outbox.get()
-                if isinstance(event, Exception):
-                    raise event
-                if event.HasField("finished"):
-                    remaining -= 1
-                yield index, event
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if outbox.merged:
-                log.debug("deltas_coalesced", request_id=jobs[0].request_id, merged=outbox.merged)
-
-    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> list[wpb.Job]:
-        presented = self.auth.begin(context)
-        record.inputs = len(request.inputs)
-        well_formed = 0 < len(request.inputs) <= MAX_INPUTS
-        cost = sum(estimate_text(t, request.parameters) for t in request.inputs) if well_formed else 0
-        fast = await self._admit_fast(presented, request.model, cost, record) if well_formed else None
-        if fast is not None:
-            key, model, decided = fast
-        else:
-            key = self.auth.finish(presented, await self.auth.lookup(presented))
-            record.authenticated(key)
-            model, decided = self._resolve_model(key, request.model), None
-        record.model = model
-        if not request.inputs:
-            raise InvalidRequest("inputs: at least one input is required")
-        if len(request.inputs) > MAX_INPUTS:
-            raise InvalidRequest(f"inputs: at most {MAX_INPUTS} inputs per request")
-        await self._charge(key, cost, context, record, decided=decided)
+    def _jobs(self, request: pb.GenerateRequest, model: str, context, record: CallRecord) -> list[wpb.Job]:
         jobs = []
         for i, text in enumerate(request.inputs):
             job = self._job(f"{record.request_id}/{i}", model, request.parameters, context)
             job.text = text
             jobs.append(job)
-        log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(jobs),
-                  reserved=cost, one_round_trip=decided is not None)
         return jobs
+
+    def _dispatch_ahead(self, presented: Presented, request: pb.GenerateRequest, cost: int, context,
+                        record: CallRecord) -> tuple[str, Fanout] | None:
+        """Start the request's jobs before its admission is decided, when it is all but certain to be admitted
+        (router.ahead): (model, the started fanout), or None."""
+        if not self.config.dispatch_ahead:
+            return None
+        key = self.auth.known(presented)
+        if key is None or self.tiers.get(key.tier) is None:
+            return None
+        try:
+            model = self._resolve_model(key, request.model)
+        except ServiceError:
+            return None
+        if not self._headroom.take(key.key_id, cost):
+            return None
+        return model, self._fanout(self._jobs(request, model, context, record), context, record)
+
+    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Fanout:
+        """Authenticate and charge a Generate/GenerateStream request; its jobs, started (possibly while the
+        admission was in flight: _dispatch_ahead)."""
+        presented = self.auth.begin(context)
+        record.inputs = len(request.inputs)
+        well_formed = 0 < len(request.inputs) <= MAX_INPUTS
+        cost = sum(estimate_text(t, request.parameters) for t in request.inputs) if well_formed else 0
+        ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
+        if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send task
+            await asyncio.sleep(0)  # runs): the admission round trip below overlaps them
+            await asyncio.sleep(0)
+        try:
+            fast = await self._admit_fast(presented, request.model, cost, record) if well_formed else None
+            if fast is not None:
+                key, model, decided = fast
+            else:
+                key = self.auth.finish(presented, await self.auth.lookup(presented))
+                record.authenticated(key)
+                model, decided = self._resolve_model(key, request.model), None
+            record.model = model
+            if not request.inputs:
+                raise InvalidRequest("inputs: at least one input is required")
+            if len(request.inputs) > MAX_INPUTS:
+                raise InvalidRequest(f"inputs: at most {MAX_INPUTS} inputs per request")
+            await self._charge(key, cost, context, record, decided=decided)
+        except BaseException:
+            if ahead is not None:
+                self._ahead("cancelled")
+                await self._close(ahead[1])
+            raise
+        log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(request.inputs),
+                  reserved=cost, one_round_trip=decided is not None, dispatched_ahead=ahead is not None)
+        if ahead is not None and ahead[0] != model:  # cannot happen with one pool view; never serve what was not asked
+            self._ahead("cancelled")
+            await self._close(ahead[1])
+            ahead = None
+        if ahead is not None:
+            self._ahead("kept")
+        fanout = ahead[1] if ahead is not None else self._fanout(self._jobs(request, model, context, record),
+                                                                 context, record)
+        try:
+            await self._headers_out(record)  # meanwhile the jobs run; their events wait in the fanout's outbox
+        except BaseException:
+            await self._close(fanout)
+            raise
+        return fanout
+
+    def _ahead(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dispatch_ahead(outcome)
 
     # ---- public API
 
     @handle_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         record = self._begin("Generate", context)
+        fanout = None
         try:
-            jobs = await self._admit_generate(request, context, record)
-            outputs = [pb.Completion() for _ in jobs]
-            texts: list[list[str]] = [[] for _ in jobs]
-            async for index, event in self._merged(jobs, context, record):
+            fanout = await self._admit_generate(request, context, record)
+            outputs = [pb.Completion() for _ in fanout.jobs]
+            texts: list[list[str]] = [[] for _ in fanout.jobs]
+            async for index, event in fanout.events():
                 if event.HasField("delta"):
                     texts[index].append(event.delta.text)
                     outputs[index].token_ids.extend(event.delta.token_ids)
@@ -521,14 +564,16 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 out.text = "".join(parts)
             return pb.GenerateResponse(outputs=outputs)
         finally:
+            await self._close(fanout)
             self._settle(record)
 
     @handle_stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
         record = self._begin("GenerateStream", context)
+        fanout = None
         try:
-            jobs = await self._admit_generate(request, context, record)
-            async for index, event in self._merged(jobs, context, record):
+            fanout = await self._admit_generate(request, context, record)
+            async for index, event in fanout.events():
                 if event.HasField("delta"):
                     yield pb.GenerateChunk(index=index, text=event.delta.text, token_ids=event.delta.token_ids)
                 else:
@@ -536,6 +581,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     record.add_usage(fin.usage)
                     yield pb.GenerateChunk(index=index, finish_reason=fin.finish_reason, usage=fin.usage)
         finally:
+            await self._close(fanout)
             self._settle(record)
 
     @handle_stream_errors

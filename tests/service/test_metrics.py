@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
 from tests.service.router_harness import auth, create_keys, serve_router
+from worker.ports import free_port
 
 CANARY = "canary-7f3e9 purple elephant sings"
 CANARY_KEY = "lg_canary7f3e9_purple-elephant-key"  # well-formed bearer token, no such key
@@ -51,12 +51,6 @@ def value(families: dict[str, list], sample_name: str, **labels: str) -> float:
 
 def all_label_values(families: dict[str, list]) -> set[str]:
     return {v for samples in families.values() for s in samples for v in s.labels.values()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +122,7 @@ def router(worker, tmp_path_factory):
         keys = create_keys(redis.url, {"pro": ("pro", []), "tiny": ("tiny", [])})
         tiers = tmp_path_factory.mktemp("metrics-tiers") / "tiers.toml"
         tiers.write_text(TIERS)
-        metrics_port = _free_port()
+        metrics_port = free_port()
         config = RouterConfig(port=0, metrics_port=metrics_port, workers=worker[0], redis_url=redis.url,
                               tiers_path=tiers, redis_timeout_s=0.5)
         with serve_router(config, num_workers=1) as handle:
@@ -189,7 +183,7 @@ def test_router_metrics(router, tiny_model_dir):
 def test_supervisor_counts_restarts_by_cause(tmp_path, tiny_model_dir):
     from tests.service.test_supervisor import Supervised
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     sup = Supervised(tmp_path, tiny_model_dir, ["--metrics-port", str(metrics_port)])
     try:
         old_pgid = sup.wait_serving(1)

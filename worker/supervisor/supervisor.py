@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from worker.config import build_parser as build_worker_parser
+from worker.ports import free_port
 from worker.supervisor.causes import CRASH, HUNG, Failure, classify_exit
 from worker.supervisor.group import RankGroup, become_subreaper
 from worker.supervisor.metrics import SupervisorMetrics
@@ -53,13 +53,6 @@ class SupervisorConfig:
                 raise ValueError(f"{name} must be positive")
 
 
-def pick_free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host.strip("[]"), 0))
-        return s.getsockname()[1]
-
-
 def worker_accepts(option: str) -> bool:
     _, unknown = build_worker_parser().parse_known_args(["--model", "m", option, "1"])  # "1" fits any type
     return not unknown
@@ -78,7 +71,7 @@ class WorkerCommand:
     @classmethod
     def from_args(cls, args: list[str]) -> WorkerCommand:
         ns = build_worker_parser().parse_args(args)  # bad worker flags fail here, not in a crash loop
-        port = ns.port or pick_free_port(ns.host)
+        port = ns.port or free_port(ns.host)
         return cls(tuple(args), port, getattr(ns, "tp", 1) or 1, ns.port_file, worker_accepts("--run-dir"))
 
     def argv(self, run_dir: Path) -> list[str]:
