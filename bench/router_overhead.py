@@ -84,6 +84,7 @@ class Cluster:
     worker_args: list[str]
     log_level: str
     profile_router: Path | None = None
+    router_args: tuple[str, ...] = ()
     pin: tuple[set[int], set[int]] | None = None  # (worker cpus, router + redis + client cpus)
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llamagrid-bench-")))
     worker: object | None = None
@@ -118,7 +119,8 @@ class Cluster:
         prof = ["-m", "cProfile", "-o", str(self.profile_router.resolve())] if self.profile_router else []
         self.router = subprocess.Popen(
             [sys.executable, *prof, "-m", "router", "--workers", self.worker.address, "--port", "0", "--port-file",
-             str(port_file), "--redis-url", self.redis.url, "--tiers", str(tiers), "--log-level", self.log_level],
+             str(port_file), "--redis-url", self.redis.url, "--tiers", str(tiers), "--log-level", self.log_level,
+             *self.router_args],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=router_log, stderr=router_log)
         deadline = time.monotonic() + 60
         while not port_file.exists():
@@ -369,6 +371,7 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="give the worker its own CPUs (the first half) and the router, Redis and this client the "
                          "rest, as in a deployment where they do not share cores; implies --worker-threads = its CPUs")
+    ap.add_argument("--router-args", default="", help="extra router options, e.g. --router-args=--no-dispatch-ahead")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -402,7 +405,7 @@ def main() -> int:
           f"{args.channels} channel(s) per target; worker threads {args.worker_threads or 'default'}; "
           f"cpus {os.cpu_count()}{f'; pinned worker {sorted(pin[0])} / rest {sorted(pin[1])}' if pin else ''}",
           flush=True)
-    cluster = Cluster(worker_args, args.log_level, args.profile_router, pin=pin)
+    cluster = Cluster(worker_args, args.log_level, args.profile_router, tuple(args.router_args.split()), pin=pin)
     try:
         t0 = time.perf_counter()
         cluster.start()
