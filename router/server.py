@@ -65,6 +65,11 @@ class WorkerLost(ServiceError):
 
 FAILED_EXCLUDE_S = 1.0  # a worker that failed a job is skipped this long for it (then it may be a restarted one)
 FAILOVER_POLL_S = 0.1  # while waiting for a healthy worker to take a job over
+# A job's own deadline (Job.deadline_unix_ms) trails the client's by this much. The client's deadline also rides on
+# the gRPC call to the worker, and that is what ends the request (DEADLINE_EXCEEDED, the worker's sequence freed
+# within a step); the job's deadline is only the backstop should the call's cancellation be lost. Equal deadlines
+# would race: the worker ending the job (finish CANCELLED, status OK) just before the client's own timer fired.
+JOB_DEADLINE_GRACE_S = 1.0
 # Worker call failures that mean "the replica went away" (a dying process resets its streams with INTERNAL or
 # CANCELLED as well as UNAVAILABLE), not a verdict on the request: the job fails over, before or after its first
 # event. A worker's own bug (INTERNAL/UNKNOWN) is bounded by config.retry_attempts like any other failure.
@@ -152,6 +157,12 @@ _CURRENT: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("ll
 async def _send_metadata(context, metadata: tuple[tuple[str, str], ...]) -> None:
     with contextlib.suppress(Exception):  # the call may already be over (client gone); nothing to report then
         await context.send_initial_metadata(metadata)
+
+
+def _deadline_ms(context) -> int:
+    """Job.deadline_unix_ms for a call: its client's deadline plus JOB_DEADLINE_GRACE_S; 0 (none) without one."""
+    remaining = context.time_remaining()
+    return 0 if remaining is None else int((time.time() + remaining + JOB_DEADLINE_GRACE_S) * 1000)
 
 
 async def _drain(call) -> None:
@@ -345,9 +356,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         job = wpb.Job(request_id=request_id, model=model, parameters=params)
         if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0.0):
             job.parameters.seed = random.getrandbits(62)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            job.deadline_unix_ms = int((time.time() + remaining) * 1000)
+        job.deadline_unix_ms = _deadline_ms(context)
         return job
 
     async def _events(self, job: wpb.Job, context, *, prefer: str | None = None,
@@ -404,18 +413,21 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         started = True
                         if on_address is not None:
                             on_address(target)
-                    if event.HasField("delta"):
+                    delta = event.delta if event.HasField("delta") else None
+                    if delta is None and event.HasField("finished"):
+                        finished = True
+                        if event.finished.HasField("last_delta"):  # (jobs with last_delta_in_finished)
+                            delta = event.finished.last_delta
+                    if delta is not None:
                         if not streamed:
                             first = time.monotonic()
                             if metrics is not None:
                                 metrics.first_token(job.model, first - job_started)
                             if record is not None and record.first_token_at is None:
                                 record.first_token_at = first
-                        streamed.extend(event.delta.token_ids)
-                    elif event.HasField("finished"):
-                        finished = True
-                        if metrics is not None:
-                            metrics.usage(job.model, event.finished.usage)
+                        streamed.extend(delta.token_ids)
+                    if finished and metrics is not None:
+                        metrics.usage(job.model, event.finished.usage)
                     yield event
                     if finished:  # the job's last event: the caller need not wait for the worker's trailers
                         return
@@ -444,8 +456,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     current = wpb.Job()
                     current.CopyFrom(job)
                     current.resume_token_ids.extend(streamed)
-                    if current.deadline_unix_ms == 0 and context.time_remaining() is not None:
-                        current.deadline_unix_ms = int((time.time() + context.time_remaining()) * 1000)
+                    if current.deadline_unix_ms == 0:
+                        current.deadline_unix_ms = _deadline_ms(context)
                 wait_until = None
             finally:
                 lease.release()
@@ -470,6 +482,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         for i, text in enumerate(request.inputs):
             job = self._job(f"{record.request_id}/{i}", model, request.parameters, context)
             job.text = text
+            job.last_delta_in_finished = True  # its last tokens ride with the end: one message less to relay
             jobs.append(job)
         return jobs
 
@@ -557,6 +570,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     outputs[index].token_ids.extend(event.delta.token_ids)
                 else:
                     fin = event.finished
+                    texts[index].append(fin.last_delta.text)
+                    outputs[index].token_ids.extend(fin.last_delta.token_ids)
                     outputs[index].finish_reason = fin.finish_reason
                     outputs[index].usage.CopyFrom(fin.usage)
                     record.add_usage(fin.usage)
@@ -579,7 +594,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 else:
                     fin = event.finished
                     record.add_usage(fin.usage)
-                    yield pb.GenerateChunk(index=index, finish_reason=fin.finish_reason, usage=fin.usage)
+                    yield pb.GenerateChunk(index=index, text=fin.last_delta.text, token_ids=fin.last_delta.token_ids,
+                                           finish_reason=fin.finish_reason, usage=fin.usage)
         finally:
             await self._close(fanout)
             self._settle(record)

@@ -46,6 +46,7 @@ class FinishEvent:
     num_cached_tokens: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    final: TokenEvent | None = None  # tokens of the same step, carried here (InferenceService.stream merge_final)
 
 
 @dataclass(slots=True)

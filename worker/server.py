@@ -55,13 +55,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             for i, text in enumerate(request.inputs)
         ]
 
-    async def _merged(self, jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
+    async def _merged(self, jobs: list[Job], merge_final: bool = False) -> AsyncIterator[tuple[int, object]]:
         """Run all jobs concurrently; yield (index, event) as events arrive."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, job: Job) -> None:
             try:
-                async for event in self.service.stream(job):
+                async for event in self.service.stream(job, merge_final=merge_final):
                     await merged.put((index, event))
             except ServiceError as e:
                 await merged.put((index, ErrorEvent(e)))
@@ -100,11 +100,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @handle_stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
         jobs = self._jobs(request, context)
-        async for index, event in self._merged(jobs):
+        async for index, event in self._merged(jobs, merge_final=True):  # an input's last tokens ride with its end
             if isinstance(event, TokenEvent):
                 yield pb.GenerateChunk(index=index, text=event.text, token_ids=event.token_ids)
             else:
-                yield pb.GenerateChunk(index=index, finish_reason=int(event.finish_reason), usage=_usage(event))
+                final = event.final
+                yield pb.GenerateChunk(index=index, text=final.text if final else "",
+                                       token_ids=final.token_ids if final else (),
+                                       finish_reason=int(event.finish_reason), usage=_usage(event))
 
     @handle_stream_errors
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
@@ -239,27 +242,29 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
 
         watcher = asyncio.create_task(watch_cancel())
         try:
-            async for event in self._events(job):
+            async for event in self._events(job, first.job.last_delta_in_finished):
                 yield event
         finally:
             watcher.cancel()
 
     @handle_stream_errors
     async def Run(self, request: wpb.Job, context) -> AsyncIterator[wpb.WorkerEvent]:
-        async for event in self._events(self._job(request, context)):
+        async for event in self._events(self._job(request, context), request.last_delta_in_finished):
             yield event
 
-    async def _events(self, job: Job) -> AsyncIterator[wpb.WorkerEvent]:
-        async for event in self.service.stream(job):
+    async def _events(self, job: Job, last_delta_in_finished: bool) -> AsyncIterator[wpb.WorkerEvent]:
+        async for event in self.service.stream(job, merge_final=last_delta_in_finished):
             if isinstance(event, ErrorEvent):
                 raise event.error
             if isinstance(event, TokenEvent):
                 if event.text or event.token_ids:
                     yield wpb.WorkerEvent(delta=wpb.TokenDelta(text=event.text, token_ids=event.token_ids))
             else:
+                final = event.final
                 yield wpb.WorkerEvent(finished=wpb.Finished(
                     finish_reason=int(event.finish_reason), usage=_usage(event),
                     prompt_token_ids=event.prompt_token_ids,
+                    last_delta=wpb.TokenDelta(text=final.text, token_ids=final.token_ids) if final else None,
                 ))
 
     @handle_errors

@@ -124,10 +124,11 @@ class InferenceService:
                    tuple(resume_token_ids))
 
     # --- running jobs --------------------------------------------------------------------------
-    async def stream(self, job: Job, index: int = 0,
-                     out: asyncio.Queue | None = None) -> AsyncIterator[Event]:
+    async def stream(self, job: Job, index: int = 0, out: asyncio.Queue | None = None,
+                     merge_final: bool = False) -> AsyncIterator[Event]:
         """Run one job; yield its events until the Finish (or Error) event. Aborts the job if the
-        consumer stops early (client cancelled, stream broken)."""
+        consumer stops early (client cancelled, stream broken). `merge_final`: tokens that come in the same
+        step as the Finish are carried by it (FinishEvent.final) instead of a TokenEvent of their own."""
         if not self.is_accepting:
             raise EngineUnavailable("the worker is not serving (warming up or draining)")
         if job.request_id in self._in_flight:
@@ -151,8 +152,13 @@ class InferenceService:
                 events = await queue.get()
                 while not queue.empty():  # the consumer fell behind: send what piled up as fewer messages
                     events = events + queue.get_nowait()
-                for event in coalesce(events):
-                    if isinstance(event, TokenEvent) and first_token_at is None:
+                batch = coalesce(events)
+                if merge_final and len(batch) >= 2 and isinstance(batch[-1], FinishEvent) and isinstance(
+                        batch[-2], TokenEvent):
+                    batch[-1].final = batch.pop(-2)
+                for event in batch:
+                    if first_token_at is None and (isinstance(event, TokenEvent) or (
+                            isinstance(event, FinishEvent) and event.final is not None)):
                         first_token_at = time.monotonic()
                     if isinstance(event, FinishEvent | ErrorEvent):
                         done = True

@@ -141,9 +141,13 @@ def test_generate_stream_interleaves_indexed_chunks(stub, keys):
     chunks = list(stub.GenerateStream(req, metadata=_auth(keys["pro"]), timeout=30))
     finished = {c.index: c for c in chunks if c.finish_reason}
     assert set(finished) == {0, 1}
+    unary = stub.Generate(req, metadata=_auth(keys["pro"]), timeout=30)
     for i in (0, 1):
         ids = [t for c in chunks if c.index == i for t in c.token_ids]
         assert finished[i].usage.completion_tokens == len(ids) > 0
+        assert ids == list(unary.outputs[i].token_ids)
+        assert "".join(c.text for c in chunks if c.index == i) == unary.outputs[i].text
+        assert finished[i].token_ids  # the last tokens ride with the end (Job.last_delta_in_finished)
 
 
 def test_chat_two_turns_on_one_session(stub, keys):

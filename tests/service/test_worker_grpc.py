@@ -54,6 +54,27 @@ def test_generate_stream_matches_unary(inference):
         assert finals[i].usage.completion_tokens == 16
 
 
+def test_an_inputs_last_tokens_ride_with_its_end(inference, internal):
+    """Tokens produced in the step that ends a job come in the message that ends it (one message less): the
+    public stream's last chunk; Worker.Run's Finished.last_delta when the job asks for it (last_delta_in_finished),
+    else a TokenDelta of their own as before (older routers)."""
+    p = params(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    chunks = list(inference.GenerateStream(pb.GenerateRequest(inputs=["The weather today"], parameters=p), timeout=60))
+    assert len(chunks) == 3  # one token each; the third with finish_reason and usage
+    assert all(len(c.token_ids) == 1 for c in chunks)
+    assert [c.finish_reason for c in chunks] == [0, 0, pb.LENGTH] and chunks[-1].usage.completion_tokens == 3
+    expected = [t for c in chunks for t in c.token_ids]
+    for flag in (True, False):
+        job = wpb.Job(request_id=f"last-delta-{flag}", text="The weather today", parameters=p,
+                      last_delta_in_finished=flag)
+        events = list(internal.Run(job, timeout=60))
+        deltas = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
+        fin = events[-1].finished
+        assert fin.HasField("last_delta") == flag
+        assert deltas + list(fin.last_delta.token_ids) == expected
+        assert len(events) == (3 if flag else 4)
+
+
 def test_seeded_sampling_reproducible(inference):
     p = params(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     a = inference.Generate(pb.GenerateRequest(inputs=["Tell me a story"], parameters=p), timeout=60)
@@ -80,7 +101,12 @@ def test_worker_run_streams_what_generate_streams(internal):
     ran = list(internal.Run(job, timeout=120))
     job.request_id = "run-b"
     streamed = list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=120))
-    assert ran == streamed and ran[-1].HasField("finished")
+
+    def content(events):  # how deltas split into messages depends on how fast they are read (coalescing)
+        return ("".join(e.delta.text for e in events[:-1]), [t for e in events[:-1] for t in e.delta.token_ids],
+                events[-1])
+
+    assert content(ran) == content(streamed) and ran[-1].HasField("finished")
     with pytest.raises(grpc.RpcError) as err:
         list(internal.Run(wpb.Job(request_id="run-c", parameters=params()), timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "job.prompt" in err.value.details()
