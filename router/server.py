@@ -511,10 +511,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
         well_formed = 0 < len(request.inputs) <= MAX_INPUTS
         cost = sum(estimate_text(t, request.parameters) for t in request.inputs) if well_formed else 0
         ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
-        if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send task
-            await asyncio.sleep(0)  # runs): the admission round trip below overlaps them
-            await asyncio.sleep(0)
         try:
+            if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send
+                await asyncio.sleep(0)  # task runs): the admission round trip below overlaps them
+                await asyncio.sleep(0)
             fast = await self._admit_fast(presented, request.model, cost, record) if well_formed else None
             if fast is not None:
                 key, model, decided = fast
@@ -535,7 +535,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             raise
         log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(request.inputs),
                   reserved=cost, one_round_trip=decided is not None, dispatched_ahead=ahead is not None)
-        if ahead is not None and ahead[0] != model:  # cannot happen with one pool view; never serve what was not asked
+        if ahead is not None and ahead[0] != model:  # the pool changed meanwhile: never serve what was not asked
             self._ahead("cancelled")
             await self._close(ahead[1])
             ahead = None

@@ -829,3 +829,32 @@ def test_dispatch_ahead_is_kept_when_admitted_and_cancelled_when_denied(redis_se
             grpc.StatusCode.UNAUTHENTICATED
         assert (ahead("kept"), ahead("cancelled")) == (1, 2)
         wait_idle(worker_stubs)
+
+
+def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, worker_stubs, tiers_path):
+    """The client goes away while its admission round trip is still in flight (Redis stalled): the job already
+    running on a worker is cancelled with the call, and the worker gives every KV block back."""
+    from tests.service.test_metrics import scrape, value
+    from worker.ports import free_port
+
+    metrics_port = free_port()
+    key = new_keys(redis_server.url, {"meter": "meter"})["meter"]
+    config = router_config(redis_server.url, ",".join(w.address for w in workers), tiers_path,
+                           metrics_port=metrics_port, redis_timeout_s=10.0)  # a stalled Redis is waited for
+    with serve_router(config, num_workers=2) as r, grpc.insecure_channel(r.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        stub.Generate(pb.GenerateRequest(inputs=["x"], parameters=SHORT), metadata=auth(key.plaintext), timeout=30)
+        wait_idle(worker_stubs)
+        stall = threading.Thread(target=lambda: redis.Redis.from_url(redis_server.url).execute_command(
+            "DEBUG", "SLEEP", "3"))
+        stall.start()
+        time.sleep(0.1)  # Redis is asleep: the admission waits
+        stream = stub.GenerateStream(pb.GenerateRequest(inputs=["on and on"], parameters=LONG),
+                                     metadata=auth(key.plaintext), timeout=30)
+        _running_somewhere(worker_stubs, timeout_s=2.5)  # sent ahead: running before its admission is decided
+        stream.cancel()
+        stall.join()
+        wait_idle(worker_stubs)
+        families = scrape(metrics_port)
+        assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="cancelled") == 1
+        assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="kept") == 0
