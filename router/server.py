@@ -249,7 +249,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if decided is None:
             tier = self._tier(key)
             try:
-                d = await self.limiter.acquire_quota(key.key_id, tier, tokens)
+                d = await self._uncancelled(self.limiter.acquire_quota(key.key_id, tier, tokens), key.key_id, tier,
+                                            tokens)
             except LimiterUnavailable as exc:
                 self._decided("unavailable")
                 raise LimiterDown("rate-limit backend unavailable") from exc
@@ -289,7 +290,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if tier is None:
             return None
         command, key_id, tier_name = guess
-        got = await self.limiter.acquire_quota_with(command, key_id, tier, cost)
+        got = await self._uncancelled(self.limiter.acquire_quota_with(command, key_id, tier, cost), key_id, tier,
+                                      cost)
         if got is None:
             return None
         reply, d = got
@@ -306,6 +308,25 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 self._background(self.limiter.refund_quota(key_id, tier, cost))
             return key, model, None
         return key, model, (tier, d)
+
+    async def _uncancelled(self, charge, key_id: str, tier: Tier, tokens: int):
+        """Await a limiter charge (acquire_quota or acquire_quota_with). If the call is cancelled meanwhile (the
+        client went away), Redis may still apply the charge: it is left to finish and, if it admitted, refunded
+        whole, so a client gone during its admission is not billed for it."""
+        task = asyncio.ensure_future(charge)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._refund_abandoned(t, key_id, tier, tokens))
+            raise
+
+    def _refund_abandoned(self, task: asyncio.Future, key_id: str, tier: Tier, tokens: int) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        got = task.result()
+        d = got[1] if isinstance(got, tuple) else got  # acquire_quota_with: (reply, decision) or None
+        if isinstance(d, GuardedDecision) and d.allowed and not d.degraded:
+            self._background(self.limiter.refund_quota(key_id, tier, tokens))
 
     @staticmethod
     async def _headers_out(record: CallRecord) -> None:

@@ -833,7 +833,8 @@ def test_dispatch_ahead_is_kept_when_admitted_and_cancelled_when_denied(redis_se
 
 def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, worker_stubs, tiers_path):
     """The client goes away while its admission round trip is still in flight (Redis stalled): the job already
-    running on a worker is cancelled with the call, and the worker gives every KV block back."""
+    running on a worker is cancelled with the call, the worker gives every KV block back, and the charge Redis
+    applies once it wakes is refunded whole (a client gone during its admission is not billed)."""
     from tests.service.test_metrics import scrape, value
     from worker.ports import free_port
 
@@ -845,6 +846,9 @@ def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, work
         stub = pb_grpc.InferenceStub(ch)
         stub.Generate(pb.GenerateRequest(inputs=["x"], parameters=SHORT), metadata=auth(key.plaintext), timeout=30)
         wait_idle(worker_stubs)
+        fields = [("req", "tokens"), ("tok", "tokens")]
+        time.sleep(1.0)  # the warm-up call's settlement (a background refund) has landed
+        before = [bucket_field(redis_server.url, key.key_id, b, f) for b, f in fields]
         stall = threading.Thread(target=lambda: redis.Redis.from_url(redis_server.url).execute_command(
             "DEBUG", "SLEEP", "3"))
         stall.start()
@@ -855,6 +859,11 @@ def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, work
         stream.cancel()
         stall.join()
         wait_idle(worker_stubs)
+        deadline = time.monotonic() + 10
+        while (now := [bucket_field(redis_server.url, key.key_id, b, f) for b, f in fields]) != pytest.approx(
+                before, abs=0.01):
+            assert time.monotonic() < deadline, f"the abandoned admission was not refunded: {before} -> {now}"
+            time.sleep(0.1)
         families = scrape(metrics_port)
         assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="cancelled") == 1
         assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="kept") == 0
