@@ -7,13 +7,17 @@ the router as a separate process (`python -m router`) in front of the worker.
 Load, per concurrency level N (default 1, 16 and 128): N client streams in one asyncio loop (grpc.aio), each running
 GenerateStream requests back to back, a fixed prompt set, greedy, `max_new_tokens` tokens with EOS ignored, so every
 request streams the same number of tokens. The same load goes to the worker directly (public API, no auth) and to
-the router (`authorization: Bearer <key>`), in alternating blocks (direct/router, then router/direct, ...) so drift
-on a busy machine hits both sides alike.
+the router (`authorization: Bearer <key>`) and, as a second baseline, to bench/bare_relay.py — a bare grpc.aio
+pass-through to the same worker with no auth, limits or failover: the floor of any Python gRPC hop on this machine,
+so "router minus relay" is the router's own work. Blocks rotate between targets (direct/router/relay, then
+router/relay/direct, ...) so drift on a busy machine hits all alike; at 1 stream each round is one request per target
+in a fresh random order (seeded by --seed), since a request's successor inherits its predecessor's leftover work.
 
 Reported per level and target: streamed tokens/s (completion tokens / wall time of the block), whole-request latency
 p50/p99 (call start to end of the RPC, i.e. after the trailing status), time to last token p50, TTFT p50, and the
-CPU seconds the worker, the router and this client process used. Then the ratios router/direct throughput and added
-p50 latency (at 1 stream also the median of paired router-minus-direct latencies).
+CPU seconds the worker, the router, the relay and this client process used. Then the ratios router/direct (and
+relay/direct) throughput and added p50 latency with a 95% bootstrap interval; at 1 stream also the medians of paired
+per-round differences router-direct, relay-direct and router-relay, each with its 95% bootstrap interval.
 The acceptance criteria (issue: "through the router >= 0.7x direct throughput at 128 streams and <= 2 ms added p50
 latency at 1 stream") are printed as PASS/FAIL.
 
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -86,11 +91,14 @@ class Cluster:
     profile_router: Path | None = None
     router_args: tuple[str, ...] = ()
     pin: tuple[set[int], set[int]] | None = None  # (worker cpus, router + redis + client cpus)
+    with_relay: bool = True  # also run bench/bare_relay.py in front of the worker (the floor of a Python gRPC hop)
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llamagrid-bench-")))
     worker: object | None = None
     redis: object | None = None
     router: subprocess.Popen | None = None
     router_port: int = 0
+    relay: subprocess.Popen | None = None
+    relay_port: int = 0
     key: str = ""
     _logs: list = field(default_factory=list)
 
@@ -122,12 +130,15 @@ class Cluster:
              str(port_file), "--redis-url", self.redis.url, "--tiers", str(tiers), "--log-level", self.log_level,
              *self.router_args],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=router_log, stderr=router_log)
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if self.router.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"router did not start; log:\n{self._tail('router.log')}")
-            time.sleep(0.05)
-        self.router_port = int(port_file.read_text())
+        self.router_port = self._wait_port(self.router, port_file, "router.log")
+        if self.with_relay:
+            relay_port_file = self.tmp / "relay.port"
+            relay_log = open(self.tmp / "relay.log", "w")  # noqa: SIM115 - closed in stop()
+            self._logs.append(relay_log)
+            self.relay = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("bare_relay.py")), "--worker", self.worker.address,
+                 "--port-file", str(relay_port_file)], stdout=relay_log, stderr=relay_log)
+            self.relay_port = self._wait_port(self.relay, relay_port_file, "relay.log")
         if not self.pin:
             os.sched_setaffinity(0, everything)
         return self
@@ -143,6 +154,14 @@ class Cluster:
             await client.aclose()
         return key
 
+    def _wait_port(self, proc: subprocess.Popen, port_file: Path, log_name: str) -> int:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{log_name.split('.')[0]} did not start; log:\n{self._tail(log_name)}")
+            time.sleep(0.05)
+        return int(port_file.read_text())
+
     def _tail(self, name: str) -> str:
         path = self.tmp / name
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
@@ -153,16 +172,18 @@ class Cluster:
 
     def cpu(self) -> dict[str, float]:
         return {"worker": _cpu_seconds(self.worker.proc.pid) if self.worker else 0.0,
-                "router": _cpu_seconds(self.router.pid) if self.router else 0.0}
+                "router": _cpu_seconds(self.router.pid) if self.router else 0.0,
+                "relay": _cpu_seconds(self.relay.pid) if self.relay else 0.0}
 
     def stop(self) -> None:
-        if self.router is not None and self.router.poll() is None:
-            self.router.send_signal(signal.SIGTERM)
-            try:
-                self.router.wait(15)
-            except subprocess.TimeoutExpired:
-                self.router.kill()
-                self.router.wait()
+        for proc in (self.relay, self.router):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if self.worker is not None:
             self.worker.stop(timeout=15)
         if self.redis is not None:
@@ -262,7 +283,7 @@ def summarise(blocks: list[Block]) -> dict:
             "latency_ms_p50": percentile(lat, 50), "latency_ms_p99": percentile(lat, 99),
             "last_token_ms_p50": percentile(last, 50), "ttft_ms_p50": percentile(ttft, 50),
             "ttft_ms_p99": percentile(ttft, 99),
-            **{f"{p}_cpu_s": sum(b.cpu[p] for b in blocks) for p in ("worker", "router", "client")}}
+            **{f"{p}_cpu_s": sum(b.cpu[p] for b in blocks) for p in ("worker", "router", "relay", "client")}}
 
 
 async def wait_routable(router: Target, timeout_s: float = 60.0) -> str:
@@ -281,57 +302,110 @@ async def wait_routable(router: Target, timeout_s: float = 60.0) -> str:
 
 
 async def run_all(args, cluster: Cluster) -> dict:
-    direct = Target("direct", cluster.worker.address, ())
-    router = Target("router", cluster.router_address, (("authorization", f"Bearer {cluster.key}"),))
-    direct.open(args.channels)
-    router.open(args.channels)
+    targets = [Target("direct", cluster.worker.address, ()),
+               Target("router", cluster.router_address, (("authorization", f"Bearer {cluster.key}"),))]
+    if cluster.relay is not None:
+        targets.append(Target("relay", f"127.0.0.1:{cluster.relay_port}", ()))
+    for t in targets:
+        t.open(args.channels)
+    rng = random.Random(args.seed)
     try:
-        model = await wait_routable(router)
-        # warm both paths (connections, script load, prefix cache of the fixed prompts)
-        for t in (direct, router):
+        model = await wait_routable(targets[1])
+        # warm every path (connections, script load, prefix cache of the fixed prompts)
+        for t in targets:
             await run_block(t, cluster, min(8, max(args.concurrency)), 2, args.max_new_tokens, model)
         results = {}
         for n in args.concurrency:
             per_stream = max(1, -(-args.min_requests // n), args.requests_per_stream)
             rounds = args.rounds
-            if n == 1:  # one stream: alternate request by request, so drift on a busy machine cancels in the pairs
+            if n == 1:  # one stream: request by request, so drift on a busy machine cancels in the pairs
                 rounds, per_stream = rounds * per_stream, 1
-            blocks: dict[str, list[Block]] = {"direct": [], "router": []}
+            blocks: dict[str, list[Block]] = {t.name: [] for t in targets}
             for r in range(rounds):
-                for t in ((direct, router) if r % 2 == 0 else (router, direct)):
+                # One stream: a fresh random order each round, so no target always follows the same one (a router's
+                # work after a response, its settlement and log, lands on whatever request comes next). More
+                # streams: the order rotates.
+                k = r % len(targets)
+                order = rng.sample(targets, len(targets)) if n == 1 else targets[k:] + targets[:k]
+                for t in order:
                     blocks[t.name].append(await run_block(t, cluster, n, per_stream, args.max_new_tokens, model))
-            d, rt = summarise(blocks["direct"]), summarise(blocks["router"])
-            results[n] = {"direct": d, "router": rt, "throughput_ratio": rt["tok_s"] / d["tok_s"],
-                          "added_p50_ms": rt["latency_ms_p50"] - d["latency_ms_p50"],
-                          "added_ttft_p50_ms": rt["ttft_ms_p50"] - d["ttft_ms_p50"],
-                          "router_cpu_ms_per_request": 1e3 * rt["router_cpu_s"] / rt["requests"]}
-            if n == 1:
-                diffs = [b.latency_ms[0] - a.latency_ms[0]
-                         for a, b in zip(blocks["direct"], blocks["router"], strict=True)]
-                results[n]["paired_added_ms_p50"] = percentile(diffs, 50)
+            results[n] = compare(blocks, rng)
             print_level(n, rounds, per_stream, results[n])
         return results
     finally:
-        await direct.close()
-        await router.close()
+        for t in targets:
+            await t.close()
+
+
+def _bootstrap_ci(stat, samples: tuple[list[float], ...], rng: random.Random, n: int = 1000) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of stat(*samples), each sample resampled with replacement."""
+    draws = sorted(stat(*([s[rng.randrange(len(s))] for _ in s] for s in samples)) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def _median(values: list[float]) -> float:
+    return percentile(values, 50)
+
+
+def compare(blocks: dict[str, list[Block]], rng: random.Random) -> dict:
+    """Each target's summary and, for each non-direct target, its cost over direct (and the router's over the bare
+    relay). At one stream (one request per block, the same rounds for every target) also the medians of paired
+    per-round differences, with 95% bootstrap intervals."""
+    out: dict = {name: summarise(b) for name, b in blocks.items()}
+    d = out["direct"]
+    for name in list(out):
+        if name == "direct":
+            continue
+        t = out[name]
+        out[f"{name}_vs_direct"] = {"throughput_ratio": t["tok_s"] / d["tok_s"],
+                                    "added_p50_ms": t["latency_ms_p50"] - d["latency_ms_p50"],
+                                    "added_ttft_p50_ms": t["ttft_ms_p50"] - d["ttft_ms_p50"],
+                                    "cpu_ms_per_request": 1e3 * t[f"{name}_cpu_s"] / t["requests"]}
+    r = out["router_vs_direct"]
+    out.update(throughput_ratio=r["throughput_ratio"], added_p50_ms=r["added_p50_ms"],
+               added_ttft_p50_ms=r["added_ttft_p50_ms"], router_cpu_ms_per_request=r["cpu_ms_per_request"])
+    if all(len(b.latency_ms) == 1 for bs in blocks.values() for b in bs):
+        lat = {name: [b.latency_ms[0] for b in bs] for name, bs in blocks.items()}
+        ttft = {name: [b.ttft_ms[0] for b in bs] for name, bs in blocks.items()}
+
+        def paired(a: str, b: str) -> dict:
+            diffs = [x - y for x, y in zip(lat[a], lat[b], strict=True)]
+            ttft_diffs = [x - y for x, y in zip(ttft[a], ttft[b], strict=True)]
+            return {"p50_ms": _median(diffs), "ci95_ms": _bootstrap_ci(_median, (diffs,), rng),
+                    "ttft_p50_ms": _median(ttft_diffs)}
+
+        out["added_p50_ci95_ms"] = _bootstrap_ci(lambda x, y: _median(x) - _median(y),
+                                                 (lat["router"], lat["direct"]), rng)
+        out["paired"] = {f"{a}-{b}": paired(a, b) for a, b in (("router", "direct"), ("relay", "direct"),
+                                                               ("router", "relay")) if a in lat and b in lat}
+        out["paired_added_ms_p50"] = out["paired"]["router-direct"]["p50_ms"]
+    return out
 
 
 def print_level(n: int, rounds: int, per_stream: int, r: dict) -> None:
-    print(f"\n{n} stream(s), {rounds} alternating block(s) per target of {per_stream} request(s) per stream:",
-          flush=True)
+    names = [name for name in ("direct", "router", "relay") if name in r]
+    print(f"\n{n} stream(s), {rounds} round(s) per target of {per_stream} request(s) per stream "
+          f"({'random order each round' if n == 1 else 'rotating order'}):", flush=True)
     print(f"  {'target':<7} {'req':>5} {'tok/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'last tok p50':>13} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'cpu s: worker':>13} {'router':>7} {'client':>7}")
-    for name in ("direct", "router"):
+          f"{'TTFT p99':>9} {'cpu s: worker':>13} {'router':>7} {'relay':>7} {'client':>7}")
+    for name in names:
         s = r[name]
         print(f"  {name:<7} {s['requests']:>5} {s['tok_s']:>9.1f} {s['latency_ms_p50']:>8.2f} "
               f"{s['latency_ms_p99']:>8.2f} {s['last_token_ms_p50']:>13.2f} {s['ttft_ms_p50']:>9.2f} "
               f"{s['ttft_ms_p99']:>9.2f} {s['worker_cpu_s']:>13.2f} {s['router_cpu_s']:>7.2f} "
-              f"{s['client_cpu_s']:>7.2f}")
-    print(f"  router/direct throughput {r['throughput_ratio']:.3f}x; added p50 latency {r['added_p50_ms']:+.2f} ms "
-          f"(TTFT {r['added_ttft_p50_ms']:+.2f} ms); router CPU {r['router_cpu_ms_per_request']:.2f} ms/request",
-          flush=True)
-    if "paired_added_ms_p50" in r:
-        print(f"  median of paired (router - direct) request latencies: {r['paired_added_ms_p50']:+.2f} ms", flush=True)
+              f"{s['relay_cpu_s']:>7.2f} {s['client_cpu_s']:>7.2f}")
+    for name in names[1:]:
+        v = r[f"{name}_vs_direct"]
+        ci = r.get("added_p50_ci95_ms") if name == "router" else None
+        print(f"  {name}/direct throughput {v['throughput_ratio']:.3f}x; added p50 latency {v['added_p50_ms']:+.2f} ms"
+              f"{f' (95% CI {ci[0]:+.2f} .. {ci[1]:+.2f})' if ci else ''}; TTFT {v['added_ttft_p50_ms']:+.2f} ms; "
+              f"{name} CPU {v['cpu_ms_per_request']:.2f} ms/request", flush=True)
+    labels = {"router-direct": "router - direct", "relay-direct": "bare relay - direct (a Python gRPC hop's floor)",
+              "router-relay": "router - bare relay (the router's own work)"}
+    for key, p in r.get("paired", {}).items():
+        print(f"  median of paired ({labels[key]}) request latencies: {p['p50_ms']:+.2f} ms "
+              f"(95% CI {p['ci95_ms'][0]:+.2f} .. {p['ci95_ms'][1]:+.2f}; TTFT {p['ttft_p50_ms']:+.2f} ms)",
+              flush=True)
 
 
 def verdict(results: dict) -> list[tuple[str, bool | None, str]]:
@@ -348,8 +422,13 @@ def verdict(results: dict) -> list[tuple[str, bool | None, str]]:
         out.append(("added p50 latency at 1 stream", None, "level 1 not run"))
     else:
         added = r1["added_p50_ms"]
-        out.append(("added p50 latency at 1 stream", added <= ADDED_P50_TARGET_MS,
-                    f"{added:+.2f} ms (target <= {ADDED_P50_TARGET_MS} ms)"))
+        detail = f"{added:+.2f} ms (target <= {ADDED_P50_TARGET_MS} ms)"
+        if "added_p50_ci95_ms" in r1:
+            lo, hi = r1["added_p50_ci95_ms"]
+            detail += f"; 95% CI {lo:+.2f} .. {hi:+.2f} ms"
+        if "relay_vs_direct" in r1:
+            detail += f"; a bare Python gRPC relay adds {r1['relay_vs_direct']['added_p50_ms']:+.2f} ms in this run"
+        out.append(("added p50 latency at 1 stream", added <= ADDED_P50_TARGET_MS, detail))
     return out
 
 
@@ -360,7 +439,7 @@ def main() -> int:
     ap.add_argument("--requests-per-stream", type=int, default=None,
                     help="requests each stream sends per block (default: enough for --min-requests)")
     ap.add_argument("--min-requests", type=int, default=None, help="at least this many requests per block")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating direct/router blocks per level")
+    ap.add_argument("--rounds", type=int, default=None, help="blocks per target and level")
     ap.add_argument("--channels", type=int, default=1, help="gRPC connections per target the streams share")
     ap.add_argument("--worker-threads", type=int, default=0,
                     help="worker --num-threads (0 = the worker's default, as deployed); 1 leaves more CPU to the "
@@ -372,6 +451,9 @@ def main() -> int:
                     help="give the worker its own CPUs (the first half) and the router, Redis and this client the "
                          "rest, as in a deployment where they do not share cores; implies --worker-threads = its CPUs")
     ap.add_argument("--router-args", default="", help="extra router options, e.g. --router-args=--no-dispatch-ahead")
+    ap.add_argument("--no-relay", dest="relay", action="store_false",
+                    help="skip the bare relay baseline (bench/bare_relay.py: a Python gRPC hop with nothing else)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the per-round order at 1 stream and the bootstraps")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -400,16 +482,19 @@ def main() -> int:
     worker_args = ["--kv-cache-tokens", str(kv), "--max-num-seqs", str(max(128, max(args.concurrency)))]
     if args.worker_threads > 0:
         worker_args += ["--num-threads", str(args.worker_threads)]
-    print(f"levels {args.concurrency}, {args.rounds} alternating blocks per target and level (1 stream: by request), "
+    print(f"levels {args.concurrency}, {args.rounds} blocks per target and level (1 stream: by request), targets "
+          f"direct, router{', bare relay' if args.relay else ''}, "
           f">= {args.min_requests} requests per block, {args.max_new_tokens} tokens each (greedy, EOS ignored), "
           f"{args.channels} channel(s) per target; worker threads {args.worker_threads or 'default'}; "
           f"cpus {os.cpu_count()}{f'; pinned worker {sorted(pin[0])} / rest {sorted(pin[1])}' if pin else ''}",
           flush=True)
-    cluster = Cluster(worker_args, args.log_level, args.profile_router, tuple(args.router_args.split()), pin=pin)
+    cluster = Cluster(worker_args, args.log_level, args.profile_router, tuple(args.router_args.split()), pin=pin,
+                      with_relay=args.relay)
     try:
         t0 = time.perf_counter()
         cluster.start()
-        print(f"started worker {cluster.worker.address}, router {cluster.router_address}, redis "
+        relay = f", bare relay 127.0.0.1:{cluster.relay_port}" if cluster.relay is not None else ""
+        print(f"started worker {cluster.worker.address}, router {cluster.router_address}{relay}, redis "
               f"{cluster.redis.url} in {time.perf_counter() - t0:.1f} s", flush=True)
         results = asyncio.run(run_all(args, cluster))
     except KeyboardInterrupt:
