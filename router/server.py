@@ -571,6 +571,12 @@ class RouterServicer(pb_grpc.InferenceServicer):
             raise
         return fanout
 
+    def _turn_ahead(self, key: KeyRecord, cost: int) -> bool:
+        """Whether a Chat turn may start before its admission is decided (router.ahead): the session's key was
+        verified when the session opened, so it is the key's last decision seen here that must have left room."""
+        return (self.config.dispatch_ahead and self.tiers.get(key.tier) is not None
+                and self._headroom.take(key.key_id, cost))
+
     def _ahead(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.dispatch_ahead(outcome)
@@ -673,22 +679,42 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     record.inputs, record.started = 1, time.monotonic()
                     field_ = f"turns[{session.num_turns}]"
                     cost = estimate_chat(item.turn.messages, item.turn.parameters)
-                    await self._charge(key, cost, context, record, send_metadata=not sent_metadata)
-                    sent_metadata = True
                     job = self._job(request_id, session.model, item.turn.parameters, context)
                     job.chat.messages.extend(item.turn.messages)
                     job.history_token_ids.extend(session.history)
+                    job.last_delta_in_finished = True  # the turn's last tokens ride with its end
+                    outbound = asyncio.Queue()
+                    ahead = self._turn_ahead(key, cost)
+                    if ahead:  # the turn runs while its admission is in flight; its events wait in the inbox
+                        turn = asyncio.create_task(pump(job, outbound, record))
+                    try:
+                        await self._charge(key, cost, context, record, send_metadata=not sent_metadata)
+                    except BaseException:
+                        if turn is not None:  # sent ahead, then denied (or the client left): stop it
+                            self._ahead("cancelled")
+                            turn.cancel()
+                            await asyncio.gather(turn, return_exceptions=True)
+                            turn = None
+                        raise
+                    sent_metadata = True
                     session.num_turns += 1
                     session.generated = []
                     log.debug("chat_turn_admitted", request_id=job.request_id, key_id=key.key_id,
-                              reserved=cost, history=len(session.history), field=field_)
-                    outbound = asyncio.Queue()
-                    turn = asyncio.create_task(pump(job, outbound, record))
+                              reserved=cost, history=len(session.history), field=field_, dispatched_ahead=ahead)
+                    if ahead:
+                        self._ahead("kept")
+                    else:
+                        turn = asyncio.create_task(pump(job, outbound, record))
+                    await self._headers_out(record)  # the headers go out before any event of the session
                 elif item.HasField("delta"):
                     session.generated.extend(item.delta.token_ids)
                     yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
                 else:
                     fin = item.finished
+                    if fin.last_delta.token_ids or fin.last_delta.text:
+                        session.generated.extend(fin.last_delta.token_ids)
+                        yield pb.ChatEvent(delta=pb.ChatDelta(text=fin.last_delta.text,
+                                                              token_ids=fin.last_delta.token_ids))
                     history = list(fin.prompt_token_ids) + session.generated
                     if not session.generated or session.generated[-1] != EOS_TOKEN_ID:
                         history.append(EOS_TOKEN_ID)

@@ -831,6 +831,66 @@ def test_dispatch_ahead_is_kept_when_admitted_and_cancelled_when_denied(redis_se
         wait_idle(worker_stubs)
 
 
+def test_chat_turns_are_dispatched_ahead_and_cancelled_when_denied(redis_server, workers, worker_stubs, tiers_path):
+    """A Chat turn whose key's last decision seen by this router left room starts on a worker while its admission
+    is in flight, and streams exactly what it would otherwise (its last tokens ride with the worker's end); a turn
+    sent ahead that is then denied (another router spent the burst) ends the session with RESOURCE_EXHAUSTED before
+    any of its tokens, and the worker gives every KV block back."""
+    from tests.service.test_metrics import scrape, value
+    from worker.ports import free_port
+
+    metrics_port = free_port()
+    addresses = ",".join(w.address for w in workers)
+    key = new_keys(redis_server.url, {"limited": "limited"})["limited"]  # 3 requests, no refill
+    params = pb.SamplingParameters(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    texts = [f"session {uuid.uuid4().hex}: hello there", "tell me more", "on and on"]
+    turn_done = threading.Event()
+
+    def ahead(outcome: str) -> float:
+        return value(scrape(metrics_port), "llamagrid_router_dispatch_ahead_total", outcome=outcome)
+
+    with serve_router(router_config(redis_server.url, addresses, tiers_path, metrics_port=metrics_port),
+                      num_workers=2) as r1, \
+            serve_router(router_config(redis_server.url, addresses, tiers_path), num_workers=2) as r2, \
+            grpc.insecure_channel(r1.address) as c1, grpc.insecure_channel(r2.address) as c2:
+        kept_after: list[tuple[float, float]] = []
+
+        def requests():
+            for i, text in enumerate(texts):
+                if i:
+                    assert turn_done.wait(30)
+                    turn_done.clear()
+                    kept_after.append((ahead("kept"), ahead("cancelled")))
+                if i == 2:  # the other router spends the last request; r1 still thinks one is left
+                    pb_grpc.InferenceStub(c2).Generate(pb.GenerateRequest(inputs=["x"], parameters=SHORT),
+                                                       metadata=auth(key.plaintext), timeout=30)
+                    wait_idle(worker_stubs)
+                yield pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content=text)],
+                                                      parameters=params if i < 2 else LONG))
+
+        call = pb_grpc.InferenceStub(c1).Chat(requests(), metadata=auth(key.plaintext), timeout=60)
+        assert dict(call.initial_metadata())["x-ratelimit-remaining-requests"] == "2"
+        tokens: list[int] = []
+        ends = []
+        with pytest.raises(grpc.RpcError) as err:
+            for event in call:
+                if event.HasField("delta"):
+                    tokens.extend(event.delta.token_ids)
+                else:
+                    ends.append((len(tokens), event.end))
+                    tokens = []
+                    turn_done.set()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) > 0
+        # turn 0: the key's first decision here, not ahead; turn 1: ahead and kept; turn 2: ahead, then denied
+        assert kept_after == [(0, 0), (1, 0)]
+        assert (ahead("kept"), ahead("cancelled")) == (1, 1)
+        assert tokens == []  # nothing of the denied turn reached the client
+        assert [(n, e.finish_reason, e.usage.completion_tokens) for n, e in ends] == [(8, pb.LENGTH, 8)] * 2
+        assert ends[1][1].usage.prompt_tokens > ends[0][1].usage.prompt_tokens + 8  # the history rode along
+        wait_idle(worker_stubs)  # the denied turn's worker call was cancelled: every block is free
+
+
 def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, worker_stubs, tiers_path):
     """The client goes away while its admission round trip is still in flight (Redis stalled): the job already
     running on a worker is cancelled with the call, the worker gives every KV block back, and the charge Redis
