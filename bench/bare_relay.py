@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from protos.llamagrid.v1 import inference_pb2 as pb  # noqa: E402
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc  # noqa: E402
+from worker.ports import write_port_file  # noqa: E402
+from worker.signals import until_terminated  # noqa: E402
 
 
 class BareRelay(pb_grpc.InferenceServicer):
@@ -59,14 +60,8 @@ async def serve(worker: str, port: int, port_file: Path | None) -> None:
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(bound))
-        tmp.replace(port_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        write_port_file(port_file, bound)
+    await until_terminated()
     await server.stop(1.0)
     await relay.channel.close()
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
 from router.config import RouterConfig, build_parser, config_from_args
 from worker.logs import configure_logging
+from worker.ports import write_port_file
+from worker.signals import until_terminated
 
 
 async def serve(config: RouterConfig, port_file: Path | None = None) -> None:
@@ -17,14 +18,8 @@ async def serve(config: RouterConfig, port_file: Path | None = None) -> None:
     server, port, cleanup = await build_router(config)
     try:
         if port_file is not None:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(str(port))
-            tmp.replace(port_file)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            write_port_file(port_file, port)
+        await until_terminated()
     finally:
         await cleanup()  # drain: health NOT_SERVING, refuse new calls, in-flight ones get config.drain_grace_s
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -29,10 +28,12 @@ from worker.kv_cache import BlockManager
 from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
+from worker.ports import write_port_file
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import SamplingParams
 from worker.server import InferenceServicer, WorkerServicer
 from worker.service import InferenceService
+from worker.signals import until_terminated
 from worker.tokenizer import Tokenizer
 from worker.tp.group import RankGroup, check_tp_config
 from worker.validation import Limits
@@ -255,16 +256,10 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
     worker.service.is_accepting = True
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)
+        write_port_file(port_file, port)
     log.info("worker_serving", port=port, model=config.served_model_name, internal_token=bool(config.internal_token))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_terminated()
 
     log.info("worker_draining", num_in_flight=worker.service.num_in_flight)
     worker.service.is_accepting = False

@@ -52,3 +52,11 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """One port free on `host` right now (see free_ports)."""
     return free_ports(1, host)[0]
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Publish the port a process serves on: written beside and renamed into place, so a reader polling for the
+    file never sees it empty or half-written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)

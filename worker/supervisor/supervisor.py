@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from worker.config import build_parser as build_worker_parser
-from worker.ports import free_port
+from worker.ports import free_port, write_port_file
 from worker.supervisor.causes import CRASH, HUNG, Failure, classify_exit
 from worker.supervisor.group import RankGroup, become_subreaper
 from worker.supervisor.metrics import SupervisorMetrics
@@ -190,9 +190,7 @@ class Supervisor:
         log.info("group_serving", attempt=self.num_starts, startup_s=round(time.monotonic() - group.started_at, 2),
                  port=self.command.port, pids=sorted(group.pids().values()))
         if self.port_file is not None and not self.port_file.exists():
-            tmp = self.port_file.with_suffix(".tmp")
-            tmp.write_text(str(self.command.port))
-            tmp.replace(self.port_file)
+            write_port_file(self.port_file, self.command.port)
 
     def _tear_down(self, group: RankGroup, failure: Failure) -> None:
         """Stop every rank of a failed group and reap them; a hung or killed group gets no grace."""
