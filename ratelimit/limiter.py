@@ -13,6 +13,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from ratelimit.batching import CommandBatcher
+
 _SCRIPT = (Path(__file__).parent / "token_bucket.lua").read_text()
 
 REQUESTS = "req"
@@ -93,7 +95,8 @@ class RateLimiter:
         self._redis = redis_client
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._script = redis_client.register_script(_SCRIPT)
+        self._sha = redis_client.register_script(_SCRIPT).sha
+        self._batcher = CommandBatcher(redis_client)  # concurrent decisions share one write and one read
 
     def bucket_key(self, key: str, bucket: str) -> str:
         """The Redis key of one bucket, e.g. `rl:{tenant-a}:tok`; `key` must not contain braces."""
@@ -124,22 +127,7 @@ class RateLimiter:
         if tokens < 0:
             raise ValueError("acquire costs must be >= 0; use refund() to give units back")
         requests = [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)]
-        keys, args = self._script_args(key, requests)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                for attempt in range(2):
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        pipe.execute_command(*before)
-                        pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-                        reply, raw = await pipe.execute(raise_on_error=False)
-                    if isinstance(raw, NoScriptError) and attempt == 0:
-                        await self._redis.script_load(_SCRIPT)
-                        continue
-                    if isinstance(raw, BaseException):
-                        raise raw
-                    break
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
+        (reply,), raw = await self._run(*self._script_args(key, requests), before=(tuple(before),))
         req, tok = _decisions(raw, requests)
         return reply, QuotaDecision(requests=req, tokens=tok)
 
@@ -175,14 +163,28 @@ class RateLimiter:
 
     async def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]],
                       force: bool = False) -> tuple[Decision, ...]:
-        return _decisions(await self._run(*self._script_args(key, requests, force)), requests)
+        _, raw = await self._run(*self._script_args(key, requests, force))
+        return _decisions(raw, requests)
 
-    async def _run(self, keys: list[str], args: list) -> list:
+    async def _run(self, keys: list[str], args: list, before: Sequence[tuple] = ()) -> tuple[list, list]:
+        """One round trip: the commands `before` (their replies returned as they are, an exception instance for a
+        command Redis refused) and the script's EVALSHA, sent with whatever other decisions this event-loop pass
+        issued (CommandBatcher). A NOSCRIPT reply (Redis restarted or flushed its scripts) loads the script and
+        sends them again."""
+        evalsha = ("EVALSHA", self._sha, len(keys), *keys, *args)
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._script(keys=keys, args=args)
+                for attempt in range(2):
+                    *replies, raw = await self._batcher.run((*before, evalsha))
+                    if isinstance(raw, NoScriptError) and attempt == 0:
+                        await self._redis.script_load(_SCRIPT)
+                        continue
+                    if isinstance(raw, BaseException):
+                        raise raw
+                    return replies, raw
         except (RedisError, OSError, TimeoutError) as exc:
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
 
 
 def _decisions(raw: list, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:

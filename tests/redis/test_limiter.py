@@ -146,7 +146,7 @@ def test_noscript_recovery_after_script_flush(run):
         assert (await limiter.acquire("k", [(REQUESTS, SLOW, 1)]))[0].remaining == 9
         await client.script_flush()
         assert (await limiter.acquire("k", [(REQUESTS, SLOW, 1)]))[0].remaining == 8
-        assert await client.script_exists(limiter._script.sha) == [True]
+        assert await client.script_exists(limiter._sha) == [True]
 
     run(body)
 
