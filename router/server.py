@@ -514,13 +514,13 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if not self.config.dispatch_ahead:
             return None
         key = self.auth.known(presented)
-        if key is None or self.tiers.get(key.tier) is None:
+        if key is None:
             return None
         try:
             model = self._resolve_model(key, request.model)
         except ServiceError:
             return None
-        if not self._headroom.take(key.key_id, cost):
+        if not self._room_ahead(key, cost):
             return None
         return model, self._fanout(self._jobs(request, model, context, record), context, record)
 
@@ -551,14 +551,12 @@ class RouterServicer(pb_grpc.InferenceServicer):
             await self._charge(key, cost, context, record, decided=decided)
         except BaseException:
             if ahead is not None:
-                self._ahead("cancelled")
-                await self._close(ahead[1])
+                await self._drop_ahead(ahead[1])
             raise
         log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(request.inputs),
                   reserved=cost, one_round_trip=decided is not None, dispatched_ahead=ahead is not None)
         if ahead is not None and ahead[0] != model:  # the pool changed meanwhile: never serve what was not asked
-            self._ahead("cancelled")
-            await self._close(ahead[1])
+            await self._drop_ahead(ahead[1])
             ahead = None
         if ahead is not None:
             self._ahead("kept")
@@ -571,11 +569,16 @@ class RouterServicer(pb_grpc.InferenceServicer):
             raise
         return fanout
 
-    def _turn_ahead(self, key: KeyRecord, cost: int) -> bool:
-        """Whether a Chat turn may start before its admission is decided (router.ahead): the session's key was
-        verified when the session opened, so it is the key's last decision seen here that must have left room."""
+    def _room_ahead(self, key: KeyRecord, cost: int) -> bool:
+        """Whether `key`, verified by this router, may have a job of `cost` started before its admission is decided
+        (router.ahead): its last decision seen here left room for it (then that room is spent)."""
         return (self.config.dispatch_ahead and self.tiers.get(key.tier) is not None
                 and self._headroom.take(key.key_id, cost))
+
+    async def _drop_ahead(self, fanout: Fanout) -> None:
+        """Cancel jobs sent ahead whose admission said no (or whose call ended first)."""
+        self._ahead("cancelled")
+        await self._close(fanout)
 
     def _ahead(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -684,17 +687,15 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     job.history_token_ids.extend(session.history)
                     job.last_delta_in_finished = True  # the turn's last tokens ride with its end
                     outbound = asyncio.Queue()
-                    ahead = self._turn_ahead(key, cost)
+                    # the session's key was verified when it opened: a turn may go ahead when its room allows
+                    ahead = self._room_ahead(key, cost)
                     if ahead:  # the turn runs while its admission is in flight; its events wait in the inbox
                         turn = asyncio.create_task(pump(job, outbound, record))
                     try:
                         await self._charge(key, cost, context, record, send_metadata=not sent_metadata)
                     except BaseException:
-                        if turn is not None:  # sent ahead, then denied (or the client left): stop it
+                        if ahead:  # sent ahead, then denied (or the client left): the finally below stops it
                             self._ahead("cancelled")
-                            turn.cancel()
-                            await asyncio.gather(turn, return_exceptions=True)
-                            turn = None
                         raise
                     sent_metadata = True
                     session.num_turns += 1

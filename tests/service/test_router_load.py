@@ -765,27 +765,36 @@ def test_a_wrong_one_round_trip_guess_is_refunded(stub, redis_server, redis_send
 # ---- 10. dispatch ahead of admission (router.ahead): hides the admission round trip, never serves a denied call
 
 
+@contextlib.contextmanager
+def two_routers_ahead(redis_url: str, workers, tiers_path):
+    """Two routers on one Redis in front of `workers`: yields their channels and `ahead(outcome)`, the first
+    router's llamagrid_router_dispatch_ahead_total{outcome}."""
+    from tests.service.test_metrics import scrape, value
+    from worker.ports import free_port
+
+    metrics_port = free_port()
+    addresses = ",".join(w.address for w in workers)
+
+    def ahead(outcome: str) -> float:
+        return value(scrape(metrics_port), "llamagrid_router_dispatch_ahead_total", outcome=outcome)
+
+    with serve_router(router_config(redis_url, addresses, tiers_path, metrics_port=metrics_port),
+                      num_workers=len(workers)) as r1, \
+            serve_router(router_config(redis_url, addresses, tiers_path), num_workers=len(workers)) as r2, \
+            grpc.insecure_channel(r1.address) as c1, grpc.insecure_channel(r2.address) as c2:
+        yield c1, c2, ahead
+
+
 def test_dispatch_ahead_is_kept_when_admitted_and_cancelled_when_denied(redis_server, workers, worker_stubs,
                                                                         tiers_path):
     """A key this router verified, whose last decision left room, has its job sent while the admission is in
     flight; when the admission then says no (another router spent the burst; the key was revoked) the worker call
     is cancelled, the client gets only the denial and the worker gives every KV block back. A throttled key, a
     stranger and a forged secret are never sent ahead."""
-    from tests.service.test_metrics import scrape, value
-    from worker.ports import free_port
-
-    metrics_port = free_port()
-    addresses = ",".join(w.address for w in workers)
     key = new_keys(redis_server.url, {"limited": "limited"})["limited"]  # 3 requests, no refill
     long = pb.GenerateRequest(inputs=["on and on"], parameters=LONG)  # would run for seconds if not cancelled
 
-    def ahead(outcome: str) -> float:
-        return value(scrape(metrics_port), "llamagrid_router_dispatch_ahead_total", outcome=outcome)
-
-    with serve_router(router_config(redis_server.url, addresses, tiers_path, metrics_port=metrics_port),
-                      num_workers=2) as r1, \
-            serve_router(router_config(redis_server.url, addresses, tiers_path), num_workers=2) as r2, \
-            grpc.insecure_channel(r1.address) as c1, grpc.insecure_channel(r2.address) as c2:
+    with two_routers_ahead(redis_server.url, workers, tiers_path) as (c1, c2, ahead):
         s1, s2 = pb_grpc.InferenceStub(c1), pb_grpc.InferenceStub(c2)
         request = pb.GenerateRequest(inputs=["x"], parameters=SHORT)
         s1.Generate(request, metadata=auth(key.plaintext), timeout=30)  # first sight of the key: not ahead
@@ -836,23 +845,12 @@ def test_chat_turns_are_dispatched_ahead_and_cancelled_when_denied(redis_server,
     is in flight, and streams exactly what it would otherwise (its last tokens ride with the worker's end); a turn
     sent ahead that is then denied (another router spent the burst) ends the session with RESOURCE_EXHAUSTED before
     any of its tokens, and the worker gives every KV block back."""
-    from tests.service.test_metrics import scrape, value
-    from worker.ports import free_port
-
-    metrics_port = free_port()
-    addresses = ",".join(w.address for w in workers)
     key = new_keys(redis_server.url, {"limited": "limited"})["limited"]  # 3 requests, no refill
     params = pb.SamplingParameters(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     texts = [f"session {uuid.uuid4().hex}: hello there", "tell me more", "on and on"]
     turn_done = threading.Event()
 
-    def ahead(outcome: str) -> float:
-        return value(scrape(metrics_port), "llamagrid_router_dispatch_ahead_total", outcome=outcome)
-
-    with serve_router(router_config(redis_server.url, addresses, tiers_path, metrics_port=metrics_port),
-                      num_workers=2) as r1, \
-            serve_router(router_config(redis_server.url, addresses, tiers_path), num_workers=2) as r2, \
-            grpc.insecure_channel(r1.address) as c1, grpc.insecure_channel(r2.address) as c2:
+    with two_routers_ahead(redis_server.url, workers, tiers_path) as (c1, c2, ahead):
         kept_after: list[tuple[float, float]] = []
 
         def requests():
