@@ -15,26 +15,38 @@ from ratelimit.limiter import Limit
 
 log = structlog.get_logger("ratelimit.tiers")
 
-_FIELDS = ("requests_per_minute", "tokens_per_minute", "request_burst", "token_burst")
+_FIELDS = ("requests_per_minute", "tokens_per_minute", "request_burst", "token_burst", "weight",
+           "max_concurrent_requests", "max_chat_sessions")
+_OPTIONAL_INTS = _FIELDS[2:]
 
 
 @dataclass(frozen=True)
 class Tier:
-    """One named tier: a requests-per-minute bucket and a tokens-per-minute bucket."""
+    """One named tier: a requests-per-minute bucket and a tokens-per-minute bucket per API key, plus its share.
+
+    `weight`: the key's share of a worker's admissions relative to other tenants' (worker fair scheduling).
+    `max_concurrent_requests`: a key's Generate/GenerateStream calls and Chat turns in flight at once (per router).
+    `max_chat_sessions`: a key's open Chat streams at once (per router)."""
 
     name: str
     requests: Limit
     tokens: Limit
+    weight: int = 1
+    max_concurrent_requests: int = 64
+    max_chat_sessions: int = 64
 
 
-def _tier(name: str, rpm: float, tpm: float, request_burst: int | None = None, token_burst: int | None = None) -> Tier:
+def _tier(name: str, rpm: float, tpm: float, request_burst: int | None = None, token_burst: int | None = None,
+          weight: int | None = None, max_concurrent_requests: int | None = None,
+          max_chat_sessions: int | None = None) -> Tier:
     return Tier(name, Limit(rpm, request_burst or max(1, math.floor(rpm))),
-                Limit(tpm, token_burst or max(1, math.floor(tpm))))
+                Limit(tpm, token_burst or max(1, math.floor(tpm))), weight or 1,
+                max_concurrent_requests or Tier.max_concurrent_requests, max_chat_sessions or Tier.max_chat_sessions)
 
 
 DEFAULT_TIERS: Mapping[str, Tier] = {
-    "free": _tier("free", 60, 20_000, request_burst=10),
-    "pro": _tier("pro", 600, 400_000),
+    "free": _tier("free", 60, 20_000, request_burst=10, weight=1, max_concurrent_requests=4, max_chat_sessions=8),
+    "pro": _tier("pro", 600, 400_000, weight=4, max_concurrent_requests=64, max_chat_sessions=256),
 }
 
 
@@ -63,8 +75,8 @@ def parse_tiers(data: Mapping[str, object]) -> dict[str, Tier]:
                 raise ValueError(f"tier {name!r}: missing required field {field}")
         rpm = _number(name, "requests_per_minute", table["requests_per_minute"], integer=False)
         tpm = _number(name, "tokens_per_minute", table["tokens_per_minute"], integer=False)
-        bursts = {f: _number(name, f, table[f], integer=True) for f in _FIELDS[2:] if f in table}
-        tiers[name] = _tier(name, rpm, tpm, bursts.get("request_burst"), bursts.get("token_burst"))
+        extra = {f: _number(name, f, table[f], integer=True) for f in _OPTIONAL_INTS if f in table}
+        tiers[name] = _tier(name, rpm, tpm, **extra)
     return tiers
 
 

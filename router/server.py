@@ -372,9 +372,12 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     # ---- worker calls
 
-    def _job(self, request_id: str, model: str, params: pb.SamplingParameters, context) -> wpb.Job:
-        """A worker job. An unseeded job that may sample gets a seed here, so a failover can resume it exactly."""
-        job = wpb.Job(request_id=request_id, model=model, parameters=params)
+    def _job(self, request_id: str, model: str, params: pb.SamplingParameters, context, key: KeyRecord) -> wpb.Job:
+        """A worker job for `key`'s tenant (the worker shares its admissions among tenants by the tier's weight).
+        An unseeded job that may sample gets a seed here, so a failover can resume it exactly."""
+        tier = self.tiers.get(key.tier)
+        job = wpb.Job(request_id=request_id, model=model, parameters=params, tenant=key.tenant,
+                      tenant_weight=tier.weight if tier is not None else 1)
         if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0.0):
             job.parameters.seed = random.getrandbits(62)
         job.deadline_unix_ms = _deadline_ms(context)
@@ -498,10 +501,11 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if fanout.outbox.merged:
             log.debug("deltas_coalesced", request_id=fanout.jobs[0].request_id, merged=fanout.outbox.merged)
 
-    def _jobs(self, request: pb.GenerateRequest, model: str, context, record: CallRecord) -> list[wpb.Job]:
+    def _jobs(self, request: pb.GenerateRequest, model: str, context, record: CallRecord,
+              key: KeyRecord) -> list[wpb.Job]:
         jobs = []
         for i, text in enumerate(request.inputs):
-            job = self._job(f"{record.request_id}/{i}", model, request.parameters, context)
+            job = self._job(f"{record.request_id}/{i}", model, request.parameters, context, key)
             job.text = text
             job.last_delta_in_finished = True  # its last tokens ride with the end: one message less to relay
             jobs.append(job)
@@ -522,7 +526,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             return None
         if not self._room_ahead(key, cost):
             return None
-        return model, self._fanout(self._jobs(request, model, context, record), context, record)
+        return model, self._fanout(self._jobs(request, model, context, record, key), context, record)
 
     async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Fanout:
         """Authenticate and charge a Generate/GenerateStream request; its jobs, started (possibly while the
@@ -560,7 +564,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             ahead = None
         if ahead is not None:
             self._ahead("kept")
-        fanout = ahead[1] if ahead is not None else self._fanout(self._jobs(request, model, context, record),
+        fanout = ahead[1] if ahead is not None else self._fanout(self._jobs(request, model, context, record, key),
                                                                  context, record)
         try:
             await self._headers_out(record)  # meanwhile the jobs run; their events wait in the fanout's outbox
@@ -682,7 +686,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     record.inputs, record.started = 1, time.monotonic()
                     field_ = f"turns[{session.num_turns}]"
                     cost = estimate_chat(item.turn.messages, item.turn.parameters)
-                    job = self._job(request_id, session.model, item.turn.parameters, context)
+                    job = self._job(request_id, session.model, item.turn.parameters, context, key)
                     job.chat.messages.extend(item.turn.messages)
                     job.history_token_ids.extend(session.history)
                     job.last_delta_in_finished = True  # the turn's last tokens ride with its end

@@ -20,7 +20,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids", "resume_token_ids", "last_delta_in_finished")
+    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids", "resume_token_ids", "last_delta_in_finished", "tenant", "tenant_weight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class Job(_message.Message):
     HISTORY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LAST_DELTA_IN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     chat: ChatMessages
@@ -41,7 +43,9 @@ class Job(_message.Message):
     history_token_ids: _containers.RepeatedScalarFieldContainer[int]
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     last_delta_in_finished: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., last_delta_in_finished: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    tenant_weight: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., last_delta_in_finished: _Optional[bool] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
