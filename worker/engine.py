@@ -2,11 +2,12 @@
 
 Out of memory (torch.OutOfMemoryError from the model step, real or injected): the engine sheds load and
 retries rather than failing requests. Each OOM step frees the prefix cache (and PyTorch's cached CUDA
-memory), preempts the newest half of the running sequences (recompute: they finish later with the same
-tokens) and halves the scheduler's max_num_seqs and token budget; after OOM_RECOVERY_STEPS good steps in
-a row the limits double back towards the configured ones. OOM_MAX_CONSECUTIVE OOM steps in a row (no good
-step between them) mean shedding does not help: the engine logs `engine_oom_exit` and ends the process with
-faults.OOM_EXIT_CODE, for the supervisor to restart the group.
+memory), preempts half of the running sequences (Scheduler.preempt picks them: the newest, from tenants above
+their share first; recompute: they finish later with the same tokens) and halves the scheduler's max_num_seqs
+and token budget; after OOM_RECOVERY_STEPS good steps in a row the limits double back towards the configured
+ones. OOM_MAX_CONSECUTIVE OOM steps in a row (no good step between them) mean shedding does not help: the
+engine logs `engine_oom_exit` and ends the process with faults.OOM_EXIT_CODE, for the supervisor to restart
+the group.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class EngineRequest:
     deadline: float | None = None  # time.monotonic() value
     is_chat_reply: bool = False  # drop the SentencePiece space before the reply's first word
     resume_token_ids: list[int] = field(default_factory=list)  # output already streamed by another worker
+    tenant: str = ""  # whose request: the scheduler shares the replica among tenants
+    weight: int = 1  # the tenant's share relative to others' (>= 1)
 
 
 @dataclass(slots=True)
@@ -214,7 +217,8 @@ class Engine:
             return
         prompt = list(request.prompt_token_ids)
         seq = Sequence(request.request_id, prompt, request.params, self.eos_token_ids,
-                       token_ids=prompt + list(request.resume_token_ids))
+                       token_ids=prompt + list(request.resume_token_ids), tenant=request.tenant,
+                       weight=request.weight)
         stream = self.decoder.stream(request.params.stop, skip_leading_space=request.is_chat_reply)
         active = _Active(seq, stream, request.sink, request.deadline)
         self._active[request.request_id] = active
@@ -295,7 +299,7 @@ class Engine:
         keep = max(1, scheduler.num_running // 2)
         num_preempted = 0
         while scheduler.num_running > keep:
-            scheduler.preempt_newest()
+            scheduler.preempt()
             num_preempted += 1
         limits = scheduler.config
         scheduler.config = replace(limits, max_num_seqs=max(1, min(limits.max_num_seqs, keep)),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from worker.kv_cache import BlockManager
+from worker.fair_queue import FairQueue, fair_shares
+from worker.kv_cache import BlockManager, CachedPrefix
 from worker.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -47,12 +49,16 @@ class Scheduler:
     """Decides which tokens of which sequences the next step computes; owns the waiting and running queues.
 
     Called only from the engine thread: add/abort/finish between steps, then schedule -> run -> update.
+
+    Tenants (Sequence.tenant, weighted by Sequence.weight) share the replica: waiting sequences are admitted in
+    weighted fair order (worker.fair_queue), and a tenant holding fewer running sequences than its share may take a
+    slot from one holding more (recompute preemption). With a single tenant this is plain FIFO.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go back to the front
+        self.waiting = FairQueue()  # FIFO per tenant; preempted sequences go back to the front of theirs
         self.running: list[Sequence] = []  # oldest arrival first
         self.num_preemptions = 0  # total since start
 
@@ -98,38 +104,31 @@ class Scheduler:
         """Called at the start of each engine step: plan the tokens to compute, or None when there are none.
 
         Running sequences come first, oldest first (a decode costs 1 token, an unfinished prefill gets a
-        chunk of what budget is left); then waiting sequences FIFO while budget, max_num_seqs and blocks
-        allow. Running sequences that need blocks preempt the newest ones; waiting ones never preempt,
-        and a step that preempted admits nobody (the freed blocks would only be fought over again).
+        chunk of what budget is left); then waiting sequences in fair order (tenants below their share of
+        max_num_seqs first, then by virtual time; FIFO within a tenant) while budget, max_num_seqs and blocks
+        allow, nobody jumping a head that does not fit. Running sequences that need blocks preempt others
+        (preempt()); a step that preempted so admits nobody (the freed blocks would only be fought over again).
+        When room runs out, a waiting tenant below its share of the running set claims room from tenants above
+        theirs (_claim_fair_share), and the step that preempted for it admits its sequence.
         """
         budget = self.config.max_num_batched_tokens
-        entries: list[ScheduledSeq] = []
+        entries: dict[Sequence, ScheduledSeq] = {}
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert num_new_tokens > 0, f"{seq.request_id} has nothing to compute"
-            if not self._allocate_or_preempt(seq, num_new_tokens, preempted):
-                break  # seq was the newest and preempted itself
-            entries.append(self._entry(seq, num_new_tokens))
+            if not self._allocate_or_preempt(seq, num_new_tokens, i, preempted):
+                continue  # seq preempted itself; running[i] is now the one after it
+            entries[seq] = self._entry(seq, num_new_tokens)
             budget -= num_new_tokens
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            prefix = self.block_manager.get_computed_prefix(seq)
-            num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new_tokens, prefix):
-                break  # FIFO: nobody behind it jumps the queue
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, num_new_tokens, prefix)
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            entries.append(self._entry(seq, num_new_tokens))
-            budget -= num_new_tokens
+        if not preempted:
+            self._admit(budget, entries, preempted)
         if not entries:
             return None
-        return ScheduledBatch(tuple(entries), tuple(preempted))
+        return ScheduledBatch(tuple(entries.values()), tuple(preempted))
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: dict[str, int]) -> list[Sequence]:
         """Called after the model step: record computed tokens, append sampled ones, finish EOS/length.
@@ -168,28 +167,125 @@ class Scheduler:
         for seq in self.waiting:
             assert seq.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED)
             assert not seq.block_table and seq.num_computed_tokens == 0
+        self.waiting.check_invariants()
         self.block_manager.check_invariants(self.running)
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]) -> bool:
-        # the one place that decides preemption: evict the newest running sequence until seq fits
+    def preempt(self, among: list[Sequence] | None = None) -> Sequence:
+        """Send one running sequence of `among` (default: all running) back to the front of its tenant's queue
+        (recompute); its blocks are freed. The victim: the newest sequence of the tenant furthest above its share
+        of the running set, or the newest of `among` when no tenant is above its share."""
+        among = self.running if among is None else among
+        counts = Counter(s.tenant for s in self.running)
+        victim = self._over_share_victim(among, counts, self._shares(len(self.running), counts)) or among[-1]
+        self._preempt(victim)
+        return victim
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, first_unplanned: int,
+                             preempted: list[Sequence]) -> bool:
+        # running[first_unplanned:] (seq first) have no entry this step yet: only they may be evicted for seq
         while not self.block_manager.can_allocate(seq, num_new_tokens):
-            victim = self.preempt_newest()
+            victim = self.preempt(self.running[first_unplanned:])
             preempted.append(victim)
             if victim is seq:
                 return False
         self.block_manager.allocate(seq, num_new_tokens)
         return True
 
-    def preempt_newest(self) -> Sequence:
-        """Send the newest running sequence back to the front of waiting (recompute); its blocks are freed."""
-        victim = self.running.pop()
+    def _admit(self, budget: int, entries: dict[Sequence, ScheduledSeq], preempted: list[Sequence]) -> None:
+        counts = Counter(s.tenant for s in self.running)
+        shares = self._shares(self.config.max_num_seqs, counts)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.peek(first=self._below_share(counts, shares))
+            prefix = self.block_manager.get_computed_prefix(seq)
+            num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
+            if not self._fits(seq, num_new_tokens, prefix):
+                break
+            self._start(seq, num_new_tokens, prefix, entries)
+            counts[seq.tenant] += 1
+            budget -= num_new_tokens
+        if self.waiting and budget > 0:
+            self._claim_fair_share(budget, counts, entries, preempted)
+
+    def _claim_fair_share(self, budget: int, counts: Counter[str], entries: dict[Sequence, ScheduledSeq],
+                          preempted: list[Sequence]) -> None:
+        # Room ran out (slots or blocks). A waiting tenant below its share of the running set as it is now gets
+        # its next sequence in, preempting the newest sequences of tenants above their shares if it must. A
+        # victim's tenant never drops below its share and the claimant never goes above its own, so slots
+        # never trade back and forth; with one tenant nobody is below its share.
+        shares = self._shares(len(self.running), counts)
+        below = self._below_share(counts, shares)
+        if not below:
+            return
+        seq = self.waiting.peek(first=below)
+        prefix = self.block_manager.get_computed_prefix(seq)
+        num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
+        victims: list[Sequence] = []
+        left = Counter(counts)
+        while not self._fits(seq, num_new_tokens, prefix, victims):
+            victim = self._over_share_victim([s for s in self.running if s not in victims], left, shares)
+            if victim is None:
+                return  # cannot make room: preempt nobody
+            victims.append(victim)
+            left[victim.tenant] -= 1
+        for victim in victims:
+            self._preempt(victim)
+            entries.pop(victim, None)
+            preempted.append(victim)
+        self._start(seq, num_new_tokens, prefix, entries)
+
+    def _shares(self, num_slots: int, counts: Counter[str]) -> dict[str, int]:
+        """Each tenant's share of num_slots running sequences; empty when fewer than two tenants have work."""
+        weights: dict[str, int] = {}
+        for seq in (*self.running, *self.waiting.heads()):
+            # a tenant's jobs carry one weight, unless its tier changed while some were in flight: take the largest
+            weights[seq.tenant] = max(weights.get(seq.tenant, 1), seq.weight)
+        if len(weights) < 2:
+            return {}
+        return fair_shares(weights, num_slots, counts)
+
+    def _below_share(self, counts: Counter[str], shares: dict[str, int]) -> list[str]:
+        return [t for t in self.waiting.tenants if counts[t] < shares.get(t, 0)]
+
+    @staticmethod
+    def _over_share_victim(among: list[Sequence], counts: Counter[str], shares: dict[str, int]) -> Sequence | None:
+        """The newest sequence of among whose tenant is furthest above its share; None if none is above it."""
+        if not shares or not among:
+            return None
+        victim = max(among, key=lambda s: (counts[s.tenant] - shares[s.tenant], s.arrival))
+        return victim if counts[victim.tenant] > shares[victim.tenant] else None
+
+    def _fits(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix,
+              releasing: Collection[Sequence] = ()) -> bool:
+        """Whether seq could be admitted with num_new_tokens once `releasing` (running) were preempted."""
+        bm = self.block_manager
+        if len(self.running) - len(releasing) >= self.config.max_num_seqs:
+            return False
+        if not releasing:
+            return bm.can_allocate(seq, num_new_tokens, prefix)
+        # can_allocate as it would answer after freeing them: a block they alone hold becomes free (or
+        # cached-evictable, which is as good), and a prefix block that drops to no holder must be revived
+        held = Counter(b for victim in releasing for b in victim.block_table)
+        num_freed = sum(1 for b, n in held.items() if bm.blocks[b].ref_count == n)
+        num_revived = sum(1 for b in prefix.block_ids if bm.blocks[b].ref_count == held[b])
+        num_new_blocks = max(0, -(-(prefix.num_tokens + num_new_tokens) // bm.block_size) - len(prefix.block_ids))
+        return num_new_blocks + num_revived <= bm.num_free_blocks + num_freed
+
+    def _start(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix,
+               entries: dict[Sequence, ScheduledSeq]) -> None:
+        self.waiting.pop(seq)
+        self.block_manager.allocate(seq, num_new_tokens, prefix)
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival)
+        entries[seq] = self._entry(seq, num_new_tokens)
+
+    def _preempt(self, victim: Sequence) -> None:
+        self.running.remove(victim)
         self.block_manager.free(victim)
         victim.num_computed_tokens = 0
         victim.status = SequenceStatus.PREEMPTED
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
-        return victim
 
     @staticmethod
     def _entry(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:

@@ -62,9 +62,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    tenant: str = ""  # whose request (worker.fair_queue shares admissions and running slots among tenants)
+    weight: int = 1  # the tenant's share relative to other tenants' (>= 1)
     arrival: int = field(default_factory=lambda: next(_arrival))
 
     def __post_init__(self) -> None:
+        assert self.weight >= 1, f"{self.request_id}: weight must be at least 1"
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
 

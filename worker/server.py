@@ -219,13 +219,16 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
             prompt = svc.token_prompt(job.token_ids.ids, "job.token_ids")
         else:
             raise InvalidRequest("job.prompt", "set text, chat or token_ids")
+        if len(job.tenant) > 128:
+            raise InvalidRequest("job.tenant", "must be at most 128 characters")
         deadline = _deadline(context)
         if job.deadline_unix_ms:
             wall = time.monotonic() + (job.deadline_unix_ms / 1000.0 - time.time())
             deadline = wall if deadline is None else min(deadline, wall)
         return svc.job(prompt, job.parameters, request_id=job.request_id, deadline=deadline,
                        params_field="job.parameters", is_chat_reply=which == "chat",
-                       resume_token_ids=job.resume_token_ids, resume_field="job.resume_token_ids")
+                       resume_token_ids=job.resume_token_ids, resume_field="job.resume_token_ids",
+                       tenant=job.tenant, weight=job.tenant_weight or 1)
 
     @handle_stream_errors
     async def Generate(self, request_iterator, context) -> AsyncIterator[wpb.WorkerEvent]:

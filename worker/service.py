@@ -36,6 +36,8 @@ class Job:
     deadline: float | None = None  # time.monotonic()
     is_chat_reply: bool = False
     resume_token_ids: tuple[int, ...] = ()  # output already streamed by another worker (failover)
+    tenant: str = ""  # whose request (the router's API-key tenant); "" = the one shared tenant
+    weight: int = 1  # the tenant's share of this replica relative to other tenants' (>= 1)
 
 
 def new_request_id() -> str:
@@ -115,13 +117,14 @@ class InferenceService:
 
     def job(self, prompt_ids: list[int], params: pb.SamplingParameters, *, request_id: str | None = None,
             deadline: float | None = None, params_field: str = "parameters", is_chat_reply: bool = False,
-            resume_token_ids: Sequence[int] = (), resume_field: str = "resume_token_ids") -> Job:
+            resume_token_ids: Sequence[int] = (), resume_field: str = "resume_token_ids", tenant: str = "",
+            weight: int = 1) -> Job:
         check_parameters(params, self.limits, params_field)
         check_resume_tokens(resume_token_ids, len(prompt_ids), self.tokenizer.decoder.vocab_size, self.limits,
                             resume_field)
         sampling = resolve_parameters(params, len(prompt_ids), self.limits, self.tokenizer.defaults)
         return Job(request_id or new_request_id(), prompt_ids, sampling, deadline, is_chat_reply,
-                   tuple(resume_token_ids))
+                   tuple(resume_token_ids), tenant, weight)
 
     # --- running jobs --------------------------------------------------------------------------
     async def stream(self, job: Job, index: int = 0, out: asyncio.Queue | None = None,
@@ -145,7 +148,7 @@ class InferenceService:
         done = False
         self.engine.submit(
             EngineRequest(job.request_id, job.prompt_token_ids, job.params, sink, job.deadline, job.is_chat_reply,
-                          list(job.resume_token_ids))
+                          list(job.resume_token_ids), tenant=job.tenant, weight=job.weight)
         )
         try:
             while not done:

@@ -21,8 +21,8 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int 
 
 
 def make_sequences(n: int, num_tokens: int = 10, max_new_tokens: int = 8, *, prefix: list[int] | None = None,
-                   ignore_eos: bool = False, id_prefix: str = "r") -> list[Sequence]:
-    """n sequences "{id_prefix}{i}" with num_tokens prompt tokens after an optional shared prefix.
+                   ignore_eos: bool = False, id_prefix: str = "r", tenant: str = "", weight: int = 1) -> list[Sequence]:
+    """n sequences "{id_prefix}{i}" of `tenant` with num_tokens prompt tokens after an optional shared prefix.
 
     The tokens derive from the request id: equal ids give equal prompts, different ids share nothing.
     """
@@ -32,7 +32,7 @@ def make_sequences(n: int, num_tokens: int = 10, max_new_tokens: int = 8, *, pre
         request_id = f"{id_prefix}{i}"
         base = 1000 * (1 + zlib.crc32(request_id.encode()) % 100_000)
         prompt = list(prefix or []) + [base + j for j in range(num_tokens)]
-        seqs.append(Sequence(request_id, prompt, params, frozenset({EOS})))
+        seqs.append(Sequence(request_id, prompt, params, frozenset({EOS}), tenant=tenant, weight=weight))
     return seqs
 
 

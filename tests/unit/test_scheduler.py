@@ -1,4 +1,4 @@
-"""Scheduler: token budget, chunked prefill, decode, preemption, abort, stop conditions, prefix sharing."""
+"""Scheduler: token budget, chunked prefill, decode, preemption, abort, stop conditions, prefix sharing, tenants."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tests.unit.conftest import (
     run_to_completion,
     step,
 )
+from worker.fair_queue import FairQueue, fair_shares
 from worker.scheduler import ScheduledSeq, SchedulerConfig
 from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
@@ -362,3 +363,214 @@ def test_random_interleavings_keep_invariants_and_free_every_block(num_blocks, b
             eos = expected[-1] == EOS and not seq.params.ignore_eos
             want = FinishReason.EOS if eos else FinishReason.LENGTH
             assert seq.finish_reason == want
+
+
+# --- tenants: fair admission and fair shares of the running set ---------------------------------------------------
+
+def admitted(batches) -> list[str]:
+    """Request ids in the order their first chunk was scheduled."""
+    seen: list[str] = []
+    for batch in batches:
+        seen += [e.seq.request_id for e in batch.entries if e.start == e.seq.num_cached_tokens
+                 and e.seq.request_id not in seen]
+    return seen
+
+
+def test_tenants_with_a_backlog_take_turns():
+    sched = make_scheduler(max_num_batched_tokens=16)  # two 8-token prompts a step
+    for seq in (*make_sequences(4, 8, 1, id_prefix="a", tenant="A"), *make_sequences(4, 8, 1, id_prefix="b",
+                                                                                     tenant="B")):
+        sched.add(seq)
+    assert admitted(run_to_completion(sched, FakeRunner(4))) == ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3"]
+
+
+def test_weights_set_the_admission_ratio_under_a_sustained_backlog():
+    sched = make_scheduler(num_blocks=128, max_num_seqs=32, max_num_batched_tokens=40)  # five 8-token prompts a step
+    pro = make_sequences(40, 8, 1, id_prefix="pro", tenant="pro", weight=4)
+    free = make_sequences(40, 8, 1, id_prefix="free", tenant="free", weight=1)
+    for seq in (*free, *pro):
+        sched.add(seq)
+    runner = FakeRunner(4)
+    order = admitted(step(sched, runner) for _ in range(8))
+    assert len(order) == 40
+    assert sum(r.startswith("pro") for r in order) == 32  # 4:1
+    for k in range(0, 40, 5):  # and steadily so, not in bursts
+        assert sum(r.startswith("free") for r in order[k:k + 5]) == 1
+    run_to_completion(sched, runner)
+
+
+def test_a_newcomer_is_admitted_ahead_of_a_flooders_backlog():
+    sched = make_scheduler(num_blocks=128, max_num_seqs=16, max_num_batched_tokens=16)
+    runner = FakeRunner(4)
+    for seq in make_sequences(20, 8, 20, id_prefix="f", tenant="flood"):
+        sched.add(seq)
+    step(sched, runner)
+    step(sched, runner)
+    [newcomer] = make_sequences(1, 8, 4, id_prefix="n", tenant="newcomer")
+    sched.add(newcomer)
+    batch = step(sched, runner)
+    assert [e.seq for e in batch.entries if e.start == 0][0] is newcomer  # its first admission this step
+    assert sched.num_waiting == 20 - 4 - 1 and sched.num_preemptions == 0
+
+
+def test_fair_share_preempts_a_flooder_for_a_starved_tenant_and_results_are_unchanged():
+    sched = make_scheduler(max_num_seqs=4)
+    runner = FakeRunner(4)
+    flood = make_sequences(8, 6, 6, id_prefix="f", tenant="flood")
+    for seq in flood:
+        sched.add(seq)
+    step(sched, runner)
+    step(sched, runner)
+    assert sched.running == flood[:4]
+    [newcomer] = make_sequences(1, 6, 6, id_prefix="n", tenant="newcomer")
+    sched.add(newcomer)
+    batch = step(sched, runner)
+    assert batch.preempted == (flood[3],)  # the flooder's newest
+    assert plan(batch)[-1] == ("n0", 0, 6, True)
+    assert [e.seq for e in batch.entries][:3] == flood[:3]
+    assert flood[3].status == SequenceStatus.PREEMPTED and sched.waiting[0] is flood[3]  # first again in its queue
+    run_to_completion(sched, runner)
+    assert sched.num_preemptions == 1  # the flooder's slots came back as it drained: no trading back and forth
+
+    roomy = make_scheduler(max_num_seqs=16)
+    again = [*make_sequences(8, 6, 6, id_prefix="f"), *make_sequences(1, 6, 6, id_prefix="n")]
+    for seq in again:
+        roomy.add(seq)
+    run_to_completion(roomy, FakeRunner(4))
+    assert [s.token_ids for s in (*flood, newcomer)] == [s.token_ids for s in again]
+
+
+def test_fair_share_claims_kv_blocks_when_they_run_out_before_slots():
+    sched = make_scheduler(num_blocks=9, max_num_seqs=8)
+    runner = FakeRunner(4)
+    flood = make_sequences(4, 9, 3, id_prefix="f", tenant="flood")  # 3 blocks each, all their lives
+    for seq in flood:
+        sched.add(seq)
+    step(sched, runner)
+    assert sched.running == flood[:3] and sched.block_manager.num_free_blocks == 0
+    [newcomer] = make_sequences(1, 5, 3, id_prefix="n", tenant="newcomer")
+    sched.add(newcomer)
+    batch = step(sched, runner)
+    assert batch.preempted == (flood[2],)
+    assert plan(batch) == [("f0", 9, 1, True), ("f1", 9, 1, True), ("n0", 0, 5, True)]
+    run_to_completion(sched, runner)
+    assert all(s.finish_reason == FinishReason.LENGTH for s in (*flood, newcomer))
+    assert flood[2].output_token_ids[1] == next_token(flood[2].token_ids[: flood[2].num_prompt_tokens + 1])
+
+
+def test_no_preemption_while_every_tenant_is_within_its_share():
+    sched = make_scheduler(max_num_seqs=4)
+    runner = FakeRunner(4)
+    a = make_sequences(6, 6, 3, id_prefix="a", tenant="A")
+    b = make_sequences(6, 6, 9, id_prefix="b", tenant="B")
+    for x, y in zip(a, b, strict=True):
+        sched.add(x)
+        sched.add(y)
+    batches = run_to_completion(sched, runner)
+    assert sched.num_preemptions == 0 and all(not batch.preempted for batch in batches)
+    assert max(sum(e.seq.tenant == "A" for e in batch.entries) for batch in batches) == 2
+
+
+def test_three_tenants_on_four_slots_settle_without_trading_slots():
+    sched = make_scheduler(max_num_seqs=4)
+    runner = FakeRunner(4)
+    a = make_sequences(4, 6, 20, id_prefix="a", tenant="A")
+    for seq in a:
+        sched.add(seq)
+    step(sched, runner)
+    for seq in (*make_sequences(2, 6, 20, id_prefix="b", tenant="B"),
+                *make_sequences(2, 6, 20, id_prefix="c", tenant="C")):
+        sched.add(seq)
+    assert step(sched, runner).preempted == (a[3],)  # one claim a step: B's first
+    assert step(sched, runner).preempted == (a[2],)  # then C's
+    for _ in range(10):
+        assert step(sched, runner).preempted == ()
+    assert sorted(s.request_id for s in sched.running) == ["a0", "a1", "b0", "c0"]
+    run_to_completion(sched, runner)
+    assert sched.num_preemptions == 2
+
+
+def test_a_weighted_tenant_keeps_its_larger_share():
+    sched = make_scheduler(max_num_seqs=4)
+    runner = FakeRunner(4)
+    pro = make_sequences(6, 6, 20, id_prefix="p", tenant="pro", weight=4)
+    for seq in pro:
+        sched.add(seq)
+    step(sched, runner)
+    sched.add(make_sequences(1, 6, 20, id_prefix="f", tenant="free")[0])
+    assert step(sched, runner).preempted == (pro[3],)  # free's 0.8 of 4 slots rounds up to one
+    for _ in range(5):
+        assert step(sched, runner).preempted == ()
+    assert sorted(s.request_id for s in sched.running) == ["f0", "p0", "p1", "p2"]
+
+
+def test_kv_pressure_preempts_from_the_tenant_above_its_share_first():
+    sched = make_scheduler(num_blocks=8)
+    runner = FakeRunner(4)
+    a = make_sequences(3, 8, 4, id_prefix="a", tenant="A")  # two full blocks each: the next token needs a third
+    for seq in a:
+        sched.add(seq)
+    [b] = make_sequences(1, 5, 3, id_prefix="b", tenant="B")  # the newest, but B holds less than its share
+    sched.add(b)
+    step(sched, runner)
+    batch = step(sched, runner)
+    assert batch.preempted == (a[2],) and b.status == SequenceStatus.RUNNING
+    run_to_completion(sched, runner)
+
+
+def test_an_idle_tenant_rejoins_at_the_clock_and_banks_no_credit():
+    queue = FairQueue()
+    for seq in (*make_sequences(1, id_prefix="z", tenant="B"), *make_sequences(10, id_prefix="a", tenant="A")):
+        queue.append(seq)
+    while queue:
+        queue.pop(queue.peek())  # B once, then A alone: A's virtual time runs ahead to 10, B's stays at 1
+    for seq in (*make_sequences(4, id_prefix="b", tenant="B"), *make_sequences(4, id_prefix="c", tenant="A")):
+        queue.append(seq)
+    order = []
+    while queue:
+        order.append(queue.peek().request_id)
+        queue.pop(queue.peek())
+        queue.check_invariants()
+    # B idled meanwhile: it rejoins where A is, not 8 admissions behind, so it cannot take 8 in a row
+    assert order == ["b0", "b1", "c0", "b2", "c1", "b3", "c2", "c3"]
+
+
+def test_fair_shares_are_whole_slots_by_weight():
+    assert fair_shares({"pro": 4, "free": 1}, 64, {}) == {"pro": 51, "free": 13}
+    assert fair_shares({"pro": 4, "free": 1}, 4, {}) == {"pro": 3, "free": 1}
+    assert fair_shares({"a": 1, "b": 1, "c": 1}, 4, {"b": 2, "c": 1}) == {"a": 1, "b": 2, "c": 1}  # ties: holders
+    shares = fair_shares({f"t{i}": 1 + i % 3 for i in range(7)}, 5, {"t6": 1})
+    assert sum(shares.values()) == 5 and min(shares.values()) >= 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_blocks=st.integers(4, 16), block_size=st.sampled_from([1, 2, 4]), max_num_seqs=st.integers(1, 5),
+       budget=st.integers(1, 24), ops=st.lists(st.one_of(
+           st.tuples(st.just("add"), st.sampled_from(["A", "B", "C"]), st.sampled_from([1, 4]),
+                     st.lists(st.integers(3, 5), min_size=1, max_size=16), st.integers(1, 12)),
+           st.tuples(st.just("step"), st.integers(1, 4)),
+           st.tuples(st.just("abort"), st.integers(0, 50))), min_size=5, max_size=40))
+def test_random_tenants_keep_invariants_and_outputs(num_blocks, block_size, max_num_seqs, budget, ops):
+    sched = make_scheduler(num_blocks, block_size, max_num_seqs, budget)
+    runner = FakeRunner(block_size, lambda seq: fake_sample(seq.token_ids))
+    max_len = num_blocks * block_size
+    seqs: list[Sequence] = []
+    aborted: set[str] = set()
+    for op in ops:
+        if op[0] == "add":
+            prompt = op[3][: max_len - 1]
+            params = SamplingParams(max_new_tokens=max(1, min(op[4], max_len - len(prompt))))
+            seqs.append(Sequence(f"s{len(seqs)}", prompt, params, frozenset({EOS}), tenant=op[1], weight=op[2]))
+            sched.add(seqs[-1])
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                step(sched, runner)
+        elif seqs:
+            aborted.add(seqs[op[1] % len(seqs)].request_id)
+            sched.abort(seqs[op[1] % len(seqs)].request_id)
+    run_to_completion(sched, runner)
+    assert sched.block_manager.num_free_blocks == num_blocks
+    for seq in seqs:
+        expected = generate(seq.prompt_token_ids, seq.params)
+        got = seq.output_token_ids
+        assert got == (expected[: len(got)] if seq.request_id in aborted else expected)
