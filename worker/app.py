@@ -20,6 +20,7 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
+from worker.connections import server_options
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
 from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
@@ -29,6 +30,7 @@ from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
 from worker.ports import write_port_file
+from worker.rpc_guard import RequestGuard
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import SamplingParams
 from worker.server import InferenceServicer, WorkerServicer
@@ -41,6 +43,9 @@ from worker.validation import Limits
 log = structlog.get_logger("worker.app")
 
 SERVICE_NAMES = ("", "llamagrid.v1.Inference", "llamagrid.worker.v1.Worker")
+# Routers hold one long-lived connection per worker and multiplex every call on it: no idle or age limit, no cap on
+# streams. Keepalive ends the calls of a router that died without closing its connection.
+WORKER_CONNECTIONS = server_options(keepalive_time_s=60.0, keepalive_timeout_s=20.0, min_client_ping_interval_s=10.0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,8 +215,10 @@ class Worker:
 
 def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
     token = worker.config.internal_token
+    # the token check comes first: a call without the token is refused before its request is parsed
     interceptors = [InternalTokenInterceptor(token)] if token else []
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *WORKER_CONNECTIONS],
+                             interceptors=[*interceptors, RequestGuard()])
     inference, internal = InferenceServicer(worker.service), WorkerServicer(worker.service, worker.info)
     metrics = getattr(worker, "metrics", None)
     if metrics is not None:  # requests_total / request_duration_seconds via worker.errors' decorators

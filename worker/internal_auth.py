@@ -16,12 +16,15 @@ from pathlib import Path
 import grpc
 import structlog
 
+from worker.log_throttle import Throttle
+
 log = structlog.get_logger("worker.internal_auth")
 
 INTERNAL_TOKEN_ENV = "LLAMAGRID_INTERNAL_TOKEN"
 TOKEN_METADATA = "x-llamagrid-internal-token"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MIN_TOKEN_CHARS = 16
+REFUSAL_LOG_INTERVAL_S = 10.0  # anyone who reaches the port can cause refusals: one line per interval at most
 
 
 def read_internal_token(token_file: Path | None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -73,8 +76,9 @@ def _denied_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call but health/reflection unless it carries the token (compared in constant time)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, log_interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
         self._token = token.encode()
+        self._refusals = Throttle(log_interval_s)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -85,5 +89,6 @@ class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
             presented = presented.encode()
         if hmac.compare_digest(presented, self._token):
             return handler
-        log.warning("internal_token_refused", method=handler_call_details.method, present=bool(presented))
+        self._refusals.warn(log, "internal_token_refused", method=handler_call_details.method,
+                            present=bool(presented))
         return _denied_handler(handler)
