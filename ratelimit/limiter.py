@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from ratelimit.batching import CommandBatcher
 
@@ -81,20 +84,60 @@ class QuotaDecision:
         return max((d.retry_after_s for d in (self.requests, self.tokens) if not d.allowed), default=0.0)
 
 
-def connect(url: str, timeout_s: float = 0.05, **kwargs) -> aioredis.Redis:
-    """An asyncio Redis client with short socket timeouts and no retries, so a dead Redis fails fast."""
-    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   retry=Retry(NoBackoff(), 0), retry_on_timeout=False, **kwargs)
+def connect(url: str, timeout_s: float = 0.25, connect_timeout_s: float | None = None,
+            **kwargs) -> aioredis.Redis:
+    """An asyncio Redis client whose commands give up after `timeout_s` (connecting: `connect_timeout_s`, default
+    the same), so a dead Redis fails fast.
+
+    A command that fails on a broken connection (ConnectionError: e.g. a pooled socket Redis closed when it
+    restarted) is sent once more on a fresh one; a timed-out one is not (Redis may have run it). Pooled sockets are
+    also checked for a close before each use (redis-py skips that check while its maintenance notifications are on,
+    which this client does not use), so a stale one is replaced before anything is written to it."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s if connect_timeout_s is None
+        else connect_timeout_s, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False), **kwargs)
+
+
+class RoundTripDeadline:
+    """How long a limiter call may take: `factor` x the p99 of the last `window` successful round trips, kept
+    within [floor_s, ceiling_s]. A busy but healthy host stretches every round trip; the deadline follows, so only
+    a Redis that answers far slower than it recently did counts as failed."""
+
+    def __init__(self, floor_s: float, ceiling_s: float | None = None, factor: float = 4.0,
+                 window: int = 256) -> None:
+        ceiling_s = floor_s if ceiling_s is None else ceiling_s
+        if not 0 < floor_s <= ceiling_s:
+            raise ValueError(f"need 0 < floor_s <= ceiling_s, got {floor_s!r}, {ceiling_s!r}")
+        self.floor_s = floor_s
+        self.ceiling_s = ceiling_s
+        self.factor = factor
+        self._samples: deque[float] = deque(maxlen=window)
+        self._until_update = 0
+        self.timeout_s = floor_s
+
+    def observe(self, seconds: float) -> None:
+        """One successful round trip; the deadline is recomputed every 32 of them (sorting is not per call)."""
+        self._samples.append(seconds)
+        self._until_update -= 1
+        if self._until_update <= 0 and self.ceiling_s > self.floor_s:
+            self._until_update = 32
+            ordered = sorted(self._samples)
+            p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            self.timeout_s = min(self.ceiling_s, max(self.floor_s, self.factor * p99))
 
 
 class RateLimiter:
     """Token buckets per API key in Redis hashes `{prefix}:{key}:{bucket}` (one hash tag, so one Cluster slot)."""
 
-    def __init__(self, redis_client: aioredis.Redis, prefix: str = "rl", timeout_s: float = 0.25) -> None:
-        """`timeout_s` bounds each call as a whole, on top of the client's own socket timeouts."""
+    def __init__(self, redis_client: aioredis.Redis, prefix: str = "rl", timeout_s: float = 0.25,
+                 max_timeout_s: float | None = None) -> None:
+        """Each call as a whole must finish within a deadline that adapts to recent round trips (RoundTripDeadline)
+        between `timeout_s` and `max_timeout_s` (default: fixed at `timeout_s`), and within the client's socket
+        timeout, which should be at least `max_timeout_s`."""
         self._redis = redis_client
         self._prefix = prefix
-        self._timeout_s = timeout_s
+        self.deadline = RoundTripDeadline(timeout_s, max_timeout_s)
         self._sha = redis_client.register_script(_SCRIPT).sha
         self._batcher = CommandBatcher(redis_client)  # concurrent decisions share one write and one read
 
@@ -172,8 +215,10 @@ class RateLimiter:
         issued (CommandBatcher). A NOSCRIPT reply (Redis restarted or flushed its scripts) loads the script and
         sends them again."""
         evalsha = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self.deadline.timeout_s):
                 for attempt in range(2):
                     *replies, raw = await self._batcher.run((*before, evalsha))
                     if isinstance(raw, NoScriptError) and attempt == 0:
@@ -181,6 +226,7 @@ class RateLimiter:
                         continue
                     if isinstance(raw, BaseException):
                         raise raw
+                    self.deadline.observe(loop.time() - started)
                     return replies, raw
         except (RedisError, OSError, TimeoutError) as exc:
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc

@@ -50,6 +50,15 @@ class LocalLimiter:
         (decision,) = self._charge(key, [(bucket, limit, -amount)])
         return decision
 
+    def mirror(self, key: str, bucket: str, limit: Limit, level: float) -> None:
+        """Set a bucket of `key` to `level` now (at most the burst): the router keeps its local buckets where the
+        shared Redis bucket stands (its share of it), so a fallback starts from there instead of from full."""
+        self._buckets.pop((key, bucket), None)
+        if level < limit.burst:
+            self._buckets[(key, bucket)] = (level, self._clock())
+            if len(self._buckets) > self._max_buckets:
+                self._prune()
+
     def _charge(self, key: str, requests: Sequence[tuple[str, Limit, int]],
                 force: bool = False) -> tuple[Decision, ...]:
         now = self._clock()
