@@ -1,4 +1,4 @@
-"""API-key authentication from `authorization: Bearer <key>` metadata, with a per-peer failure limit."""
+"""API-key authentication from `authorization: Bearer <key>` metadata, with a failure limit per (peer, key id)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import grpc
@@ -15,8 +15,12 @@ from redis.exceptions import RedisError
 
 from router.errors import LimiterDown, PermissionDenied, RateLimited, Unauthenticated
 from router.keys import ApiKeyStore, KeyRecord, parse_bearer, parse_key_id
+from worker.log_throttle import Throttle
 
 log = structlog.get_logger("router.auth")
+# Failed and refused attempts are logged at most once per event and interval (with the count suppressed since):
+# whoever reaches the port must not be able to flood the logs. Their counters in router.metrics are exact.
+_LOG = Throttle(10.0)
 
 FAILURE_WINDOW_S = 60.0
 _MAX_PEERS = 10_000
@@ -24,17 +28,18 @@ _MAX_VERIFIED = 100_000
 
 
 class FailureCounter:
-    """Auth failures per peer in a sliding window (in-process). Once a peer has `limit` failures in the window
-    further attempts are refused without a key lookup until the oldest failure ages out."""
+    """Auth failures per slot in a sliding window (in-process). Once a slot has `limit` failures in the window
+    further attempts from it are refused without a key lookup until the oldest failure ages out. A slot is what
+    Presented.failure_slot says: (peer, key id) for a well-formed key, the peer alone for anything else."""
 
     def __init__(self, limit: int, window_s: float = FAILURE_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.window_s = window_s
         self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[Hashable, deque[float]] = {}
 
-    def _recent(self, peer: str) -> deque[float] | None:
+    def _recent(self, peer: Hashable) -> deque[float] | None:
         times = self._failures.get(peer)
         if times is None:
             return None
@@ -46,20 +51,20 @@ class FailureCounter:
             return None
         return times
 
-    def blocked_for(self, peer: str) -> float:
+    def blocked_for(self, peer: Hashable) -> float:
         """Seconds until `peer` may try again; 0 when not blocked."""
         times = self._recent(peer)
         if times is None or len(times) < self.limit:
             return 0.0
         return max(0.0, times[0] + self.window_s - self._clock())
 
-    def record(self, peer: str) -> None:
+    def record(self, peer: Hashable) -> None:
         if len(self._failures) >= _MAX_PEERS and peer not in self._failures:
             for p in list(self._failures)[: _MAX_PEERS // 10]:  # drop the oldest-inserted peers
                 del self._failures[p]
         self._failures.setdefault(peer, deque()).append(self._clock())
 
-    def clear(self, peer: str) -> None:
+    def clear(self, peer: Hashable) -> None:
         self._failures.pop(peer, None)
 
 
@@ -131,16 +136,20 @@ class Authenticator:
         return await self._lookup(presented.token) if presented.token is not None else None
 
     def begin(self, context: grpc.aio.ServicerContext) -> Presented:
-        """The credentials of a call, or RateLimited when its peer has failed too often; no lookup yet."""
+        """The credentials of a call, or RateLimited when its failure slot (its peer and the key id it presents, or
+        its peer alone without a well-formed key) has failed too often; no lookup yet. A key this router verified
+        (same id and secret) is never refused for failures of others, not even of others presenting its id."""
         peer = context.peer() or "unknown"
-        peer_host = peer.rsplit(":", 1)[0]
-        wait = self.failures.blocked_for(peer_host)
-        if wait > 0:
+        presented = Presented(peer.rsplit(":", 1)[0], bearer_token(context))
+        wait = self.failures.blocked_for(presented.failure_slot)
+        if wait > 0 and self.known(presented) is None:
             self.failure_counts["blocked"] += 1
-            log.warning("auth_blocked", peer=peer_host, retry_after_s=round(wait, 3))
+            _LOG.warn(log, "auth_blocked", peer=presented.peer_host, key_id=presented.key_id,
+                      retry_after_s=round(wait, 3))
+            subject = "peer" if presented.key_id is None else f"peer+key:{presented.key_id}"
             raise RateLimited("too many failed authentication attempts", wait,
-                              (("peer", "authentication failures per minute"),))
-        return Presented(peer_host, bearer_token(context))
+                              ((subject, "authentication failures per minute"),))
+        return presented
 
     def speculation(self, presented: Presented) -> tuple[tuple[str, str], str, str] | None:
         """For a key this router verified before: (its lookup command, its key id, the tier it had), so the caller
@@ -166,7 +175,7 @@ class Authenticator:
         """finish() for the reply of a lookup sent by the caller (see speculation)."""
         if isinstance(reply, BaseException):  # the pipelined lookup alone failed: treat as a key-store failure
             self.backend_errors += 1
-            log.warning("key_store_unavailable", error=type(reply).__name__)
+            _LOG.warn(log, "key_store_unavailable", error=type(reply).__name__)
             raise LimiterDown("authentication backend unavailable")
         record = self.store.verify(presented.token, reply)
         if self.last_known is not None:
@@ -175,13 +184,15 @@ class Authenticator:
 
     def finish(self, presented: Presented, record: KeyRecord | None) -> KeyRecord:
         if record is None:
-            self.failures.record(presented.peer_host)
+            self.failures.record(presented.failure_slot)
             reason = "missing" if presented.token is None else "invalid"
             self.failure_counts[reason] += 1
-            log.info("auth_failed", peer=presented.peer_host, reason=reason)
-            key_id = parse_key_id(presented.token) if presented.token is not None else None
-            if key_id is not None:
-                self._verified.pop(key_id, None)
+            _LOG.log(log.info, "auth_failed", key=reason, peer=presented.peer_host, key_id=presented.key_id,
+                     reason=reason)
+            # forget the key only when this very key failed (revoked, deleted): a wrong secret for its id must not
+            # evict it, or anyone who knows the id could get the valid key refused (begin) behind the same peer
+            if self.known(presented) is not None:
+                self._verified.pop(presented.key_id, None)
             raise Unauthenticated("missing or invalid API key")
         self._verified.pop(record.key_id, None)  # re-inserted last: the oldest-verified ids go first when full
         self._verified[record.key_id] = (record.tier, self.store.digest(presented.token), record)
@@ -196,7 +207,7 @@ class Authenticator:
             self.backend_errors += 1
             stale = self.last_known.recall(token) if self.last_known is not None else None
             if stale is None:
-                log.warning("key_store_unavailable", error=type(exc).__name__)
+                _LOG.warn(log, "key_store_unavailable", error=type(exc).__name__)
                 raise LimiterDown("authentication backend unavailable") from exc
             self.stale_hits += 1
             log.debug("key_store_unavailable_using_last_known", key_id=stale.key_id, error=type(exc).__name__)
@@ -212,6 +223,18 @@ class Presented:
 
     peer_host: str
     token: str | None
+
+    @property
+    def key_id(self) -> str | None:
+        """The id inside a well-formed key (not yet verified), else None."""
+        return parse_key_id(self.token) if self.token is not None else None
+
+    @property
+    def failure_slot(self) -> Hashable:
+        """Where this attempt's failures count: (peer, key id) for a well-formed key, so valid keys behind the same
+        NAT or ingress are not refused for a neighbour's failures; the peer alone for key-less or malformed ones."""
+        key_id = self.key_id
+        return self.peer_host if key_id is None else (self.peer_host, key_id)
 
 
 def check_model(record: KeyRecord, model: str) -> None:

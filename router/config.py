@@ -30,8 +30,13 @@ class RouterConfig:
     tiers_path: Path | None = None  # None = ratelimit.tiers.DEFAULT_TIERS
     tier_check_interval_s: float = 1.0
     failure_policy: FailurePolicy = FailurePolicy.FAIL_OPEN
-    redis_timeout_s: float = 0.05
+    # a rate-limit call's deadline follows Redis' recent round trips (4x their p99) within these bounds: a busy but
+    # healthy host does not trip it, a dead or stalled Redis does within redis_max_timeout_s
+    redis_timeout_s: float = 0.25
+    redis_max_timeout_s: float = 2.0
     fallback_cooldown_s: float = 1.0  # skip Redis this long after a failure
+    fallback_share: float | None = None  # of a tier, for this router's local buckets; None = 1 / routers alive
+    router_heartbeat_s: float = 2.0  # how often this router renews its entry in the registry of live routers
     key_pepper: bytes = field(default=b"", repr=False)  # secret: never in repr or logs
     max_auth_failures: int = 10  # per peer per minute, then UNAUTHENTICATED without a lookup
     auth_stale_s: float = 300.0  # fail-open: keys verified this recently keep working while Redis is down (0 = off)
@@ -40,9 +45,20 @@ class RouterConfig:
     failover_wait_s: float = 30.0  # a failed-over request waits this long (or its deadline) for a healthy worker
     drain_grace_s: float = 30.0  # on SIGTERM: in-flight calls get this long to finish
     dispatch_ahead: bool = True  # start a verified key's job while its admission is in flight (router.ahead)
+    max_request_chars: int = 200_000  # characters of text in one call (all inputs, or a turn's messages) at most
+    chat_max_age_s: float = 3600.0  # a Chat session ends (UNAVAILABLE) once this old, after its current turn
+    chat_idle_timeout_s: float = 600.0  # a Chat session with no turn for this long ends (UNAVAILABLE)
     tls_cert: Path | None = None  # PEM chain for the client port; with tls_key, or neither (plaintext)
     tls_key: Path | None = None
     internal_token: str | None = field(default=None, repr=False)  # secret sent to workers (worker.internal_auth)
+    # client connections (worker.connections.server_options; 0 turns an idle, age or stream limit off)
+    keepalive_time_s: float = 60.0  # ping a quiet connection: dead clients' calls end (under most LBs' idle cutoffs)
+    keepalive_timeout_s: float = 20.0  # ... and drop it when the ping is not answered in this time
+    min_client_ping_interval_s: float = 10.0  # clients' own keepalive pings, with or without calls, this often at most
+    max_connection_idle_s: float = 300.0  # GOAWAY to a connection without calls this long
+    max_connection_age_s: float = 1800.0  # GOAWAY to older connections: clients spread over new router replicas
+    max_connection_age_grace_s: float = 3600.0  # ... whose calls may finish meanwhile (a Chat session included)
+    max_concurrent_streams: int = 1024  # calls in flight on one connection; more wait in the client
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -60,9 +76,12 @@ class RouterConfig:
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not isinstance(self.failure_policy, FailurePolicy):
             raise ValueError(f"failure_policy must be a FailurePolicy, got {self.failure_policy!r}")
-        for name in ("redis_timeout_s", "tier_check_interval_s", "discovery_interval_s", "failover_wait_s"):
+        for name in ("redis_timeout_s", "redis_max_timeout_s", "tier_check_interval_s", "discovery_interval_s",
+                     "failover_wait_s", "router_heartbeat_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.fallback_share is not None and not 0 < self.fallback_share <= 1:
+            raise ValueError(f"fallback_share must be in (0, 1], got {self.fallback_share!r}")
         if self.fallback_cooldown_s < 0:
             raise ValueError(f"fallback_cooldown_s must be >= 0, got {self.fallback_cooldown_s!r}")
         if self.auth_stale_s < 0:
@@ -71,8 +90,18 @@ class RouterConfig:
             raise ValueError(f"max_auth_failures must be >= 1, got {self.max_auth_failures!r}")
         if self.retry_attempts < 0:
             raise ValueError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
+        for name in ("max_request_chars", "chat_max_age_s", "chat_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s!r}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("min_client_ping_interval_s", "max_connection_idle_s", "max_connection_age_s",
+                     "max_connection_age_grace_s", "max_concurrent_streams"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         for name in ("tls_cert", "tls_key"):
@@ -99,8 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier-check-interval", type=float, default=d["tier_check_interval_s"].default)
     p.add_argument("--failure-policy", choices=[f.value for f in FailurePolicy],
                    default=d["failure_policy"].default.value, help="when Redis is down")
-    p.add_argument("--redis-timeout", type=float, default=d["redis_timeout_s"].default, help="seconds")
+    p.add_argument("--redis-timeout", type=float, default=d["redis_timeout_s"].default,
+                   help="seconds a rate-limit call may take at least (it adapts to Redis' recent latency)")
+    p.add_argument("--redis-max-timeout", type=float, default=d["redis_max_timeout_s"].default,
+                   help="seconds a rate-limit call may take at most")
     p.add_argument("--fallback-cooldown", type=float, default=d["fallback_cooldown_s"].default, help="seconds")
+    p.add_argument("--fallback-share", type=float, default=None,
+                   help="fraction of a tier this router admits alone while Redis is down (default 1 / routers alive)")
+    p.add_argument("--router-heartbeat", type=float, default=d["router_heartbeat_s"].default,
+                   help="seconds between this router's heartbeats in the registry of live routers")
     p.add_argument("--max-auth-failures", type=int, default=d["max_auth_failures"].default)
     p.add_argument("--auth-stale", type=float, default=d["auth_stale_s"].default,
                    help="fail-open: seconds a verified key keeps working while Redis is down (0 = off)")
@@ -114,10 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dispatch-ahead", dest="dispatch_ahead", action="store_false",
                    help="send a job to a worker only after its admission (default: a key verified here before, with "
                         "rate-limit room left, is dispatched while the admission round trip is in flight)")
+    p.add_argument("--max-request-chars", type=int, default=d["max_request_chars"].default,
+                   help="characters of text one call may carry in all (inputs, a turn's messages, CountTokens)")
+    p.add_argument("--chat-max-age", type=float, default=d["chat_max_age_s"].default,
+                   help="seconds a Chat session may stay open (it ends after the turn in progress)")
+    p.add_argument("--chat-idle-timeout", type=float, default=d["chat_idle_timeout_s"].default,
+                   help="seconds a Chat session may wait for its next turn")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for the client port")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     p.add_argument("--internal-token-file", type=Path, default=None,
                    help=f"token sent to workers (default ${INTERNAL_TOKEN_ENV}; neither = none)")
+    p.add_argument("--keepalive-time", type=float, default=d["keepalive_time_s"].default,
+                   help="seconds a client connection may be quiet before the router pings it")
+    p.add_argument("--keepalive-timeout", type=float, default=d["keepalive_timeout_s"].default,
+                   help="seconds to wait for a ping's answer before closing the connection")
+    p.add_argument("--min-client-ping-interval", type=float, default=d["min_client_ping_interval_s"].default,
+                   help="seconds between a client's keepalive pings at least (faster ones get GOAWAY)")
+    p.add_argument("--max-connection-idle", type=float, default=d["max_connection_idle_s"].default,
+                   help="seconds a connection without calls is kept (0: forever)")
+    p.add_argument("--max-connection-age", type=float, default=d["max_connection_age_s"].default,
+                   help="seconds before a connection is asked to reconnect (0: never)")
+    p.add_argument("--max-connection-age-grace", type=float, default=d["max_connection_age_grace_s"].default,
+                   help="seconds the calls of such a connection get to finish")
+    p.add_argument("--max-concurrent-streams", type=int, default=d["max_concurrent_streams"].default,
+                   help="calls in flight per connection (0: no cap)")
     p.add_argument("--log-level", default=d["log_level"].default)
     return p
 
@@ -136,7 +192,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         tier_check_interval_s=args.tier_check_interval,
         failure_policy=FailurePolicy(args.failure_policy),
         redis_timeout_s=args.redis_timeout,
+        redis_max_timeout_s=args.redis_max_timeout,
         fallback_cooldown_s=args.fallback_cooldown,
+        fallback_share=args.fallback_share,
+        router_heartbeat_s=args.router_heartbeat,
         key_pepper=env.get(PEPPER_ENV, "").encode(),
         max_auth_failures=args.max_auth_failures,
         auth_stale_s=args.auth_stale,
@@ -145,9 +204,19 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         failover_wait_s=args.failover_wait,
         drain_grace_s=args.drain_grace,
         dispatch_ahead=args.dispatch_ahead,
+        max_request_chars=args.max_request_chars,
+        chat_max_age_s=args.chat_max_age,
+        chat_idle_timeout_s=args.chat_idle_timeout,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         internal_token=read_internal_token(args.internal_token_file, env),
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        min_client_ping_interval_s=args.min_client_ping_interval,
+        max_connection_idle_s=args.max_connection_idle,
+        max_connection_age_s=args.max_connection_age,
+        max_connection_age_grace_s=args.max_connection_age_grace,
+        max_concurrent_streams=args.max_concurrent_streams,
         log_level=args.log_level,
     )
 

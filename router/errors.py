@@ -82,3 +82,17 @@ def rate_limited_status(error: RateLimited) -> status_pb2.Status:
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> UpstreamError:
     """A worker's failure as a pass-through error with its code and details."""
     return UpstreamError.from_rpc_error(exc)
+
+
+def public_error(exc: grpc.aio.AioRpcError, renames: tuple[tuple[str, str], ...] = ()) -> UpstreamError:
+    """A worker's failure as the client's error: for INVALID_ARGUMENT, the field it names is rewritten from the
+    internal job's name to the public request's (`renames`: (internal prefix, public prefix), first match wins),
+    so `job.parameters.top_p: ...` reads `parameters.top_p: ...` and `job.text: ...` reads `inputs[2]: ...`."""
+    error = UpstreamError.from_rpc_error(exc)
+    if error.status is grpc.StatusCode.INVALID_ARGUMENT:
+        for internal, public in renames:
+            if error.message.startswith(internal):
+                error.message = public + error.message[len(internal):]
+                error.args = (error.message,)
+                break
+    return error

@@ -20,11 +20,13 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from ratelimit.limiter import RateLimiter, connect
+from ratelimit.peers import PeerRegistry
 from ratelimit.policy import FailurePolicy, GuardedDecision, GuardedLimiter, LimiterUnavailable
 from ratelimit.redis_server import RedisServer
 from ratelimit.tiers import Tier, TierSource
 from router.ahead import Headroom
 from router.auth import Authenticator, LastKnownKeys, Presented, check_model
+from router.concurrency import REQUESTS, SESSIONS, KeySlots, Slot
 from router.config import RouterConfig
 from router.discovery import from_spec
 from router.errors import (
@@ -37,6 +39,7 @@ from router.errors import (
     from_rpc_error,
     handle_errors,
     handle_stream_errors,
+    public_error,
 )
 from router.fanout import Fanout
 from router.health import HEALTH_SERVICE, INFERENCE_SERVICE, RouterHealth
@@ -44,7 +47,9 @@ from router.keys import ApiKeyStore, KeyRecord
 from router.metrics import RouterMetrics, serve_metrics, stop_metrics
 from router.outbox import Outbox
 from router.worker_pool import WorkerPool
+from worker.connections import server_options
 from worker.internal_auth import token_metadata
+from worker.rpc_guard import RequestGuard
 
 log = structlog.get_logger("router.server")
 
@@ -52,7 +57,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 CHARS_PER_TOKEN = 3
 MESSAGE_OVERHEAD_TOKENS = 4
 MAX_INPUTS = 64
-INFO_TIMEOUT_S = 2.0
+CONCURRENCY_RETRY_S = 1.0  # the wait advertised to a key over its concurrency cap (a call of its may end by then)
+_NO_NEW_TOKENS = pb.SamplingParameters(max_new_tokens=0)  # CountTokens generates nothing
 
 
 class TierMissing(ServiceError):
@@ -123,6 +129,7 @@ class CallRecord:
     settled: bool = False
     logged: bool = False
     headers: asyncio.Task | None = None  # the initial metadata (rate-limit headers) being sent, see _charge
+    slot: Slot | None = None  # the key's concurrency slot this call holds (router.concurrency), released at settle
 
     @property
     def used(self) -> int:
@@ -193,6 +200,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self._settling: set[asyncio.Task] = set()
         self._no_run: set[str] = set()  # workers that answered Worker.Run with UNIMPLEMENTED (an older version)
         self._headroom = Headroom()  # rate-limit room per key, as last seen here (dispatch ahead: router.ahead)
+        self.slots = KeySlots()  # per-key calls and Chat sessions open here; build_router shares caps among routers
 
     # ---- calls
 
@@ -218,10 +226,41 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     # ---- admission
 
-    async def _authenticate(self, context, record: CallRecord) -> KeyRecord:
-        key = await self.auth.authenticate(context)
+    async def _admit(self, presented: Presented, requested_model: str | None, cost: int, record: CallRecord,
+                     one_round_trip: bool = True) -> tuple[KeyRecord, str, tuple[Tier, GuardedDecision] | None]:
+        """Verify the presented key against the key store and resolve the model (`requested_model` None: no model),
+        for a call that will cost `cost` tokens: (key, model, the decision of a charge made in the same round trip,
+        or None — then the caller charges). Every call and every Chat turn comes through here, so a revoked key, or
+        one moved to another tier, is seen at its next call or turn."""
+        fast = await self._admit_fast(presented, requested_model, cost, record) if one_round_trip else None
+        if fast is not None:
+            return fast
+        key = self.auth.finish(presented, await self.auth.lookup(presented))
         record.authenticated(key)
-        return key
+        return key, self._resolve_model(key, requested_model) if requested_model is not None else "", None
+
+    def _hold(self, key: KeyRecord, kind: str, cost: int = 0,
+              decided: tuple[Tier, GuardedDecision] | None = None) -> Slot:
+        """A concurrency slot of `key` (router.concurrency), or RateLimited when it holds its tier's share already;
+        a charge `decided` for the call (one round trip) is refunded then."""
+        tier = self._tier(key)
+        cap = tier.max_concurrent_requests if kind == REQUESTS else tier.max_chat_sessions
+        slot = self.slots.try_hold(key.key_id, kind, cap)
+        if slot is not None:
+            return slot
+        if decided is not None and decided[1].allowed and not decided[1].degraded:
+            self._background(self.limiter.refund_quota(key.key_id, decided[0], cost))
+        self._decided("concurrency_limited")
+        what = "calls in flight" if kind == REQUESTS else "open Chat sessions"
+        limit = self.slots.limit(cap)
+        log.info("concurrency_limited", key_id=key.key_id, kind=kind, limit=limit)
+        raise RateLimited(f"too many {what} for this API key (at most {limit} here)", CONCURRENCY_RETRY_S,
+                          ((f"key:{key.key_id}:concurrent_{kind}", f"at most {limit} {what} at once"),))
+
+    def _check_size(self, num_chars: int, field: str) -> None:
+        if num_chars > self.config.max_request_chars:
+            raise InvalidRequest(f"{field}: {num_chars} characters in all; at most {self.config.max_request_chars} "
+                                 "per call")
 
     def _resolve_model(self, record: KeyRecord, requested: str) -> str:
         models = self.pool.models()  # (one snapshot of the pool: the first name is the pool's default model)
@@ -243,9 +282,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
         return tier
 
     async def _charge(self, key: KeyRecord, tokens: int, context, record: CallRecord, send_metadata: bool = True,
-                      decided: tuple[Tier, GuardedDecision] | None = None) -> None:
+                      decided: tuple[Tier, GuardedDecision] | None = None, field: str = "inputs") -> None:
         """Charge one request and `tokens` to `key` (or apply a decision already `decided` for it); on success
-        `record` holds the reservation (to settle), else RateLimited / LimiterDown."""
+        `record` holds the reservation (to settle), else RateLimited / LimiterDown — or InvalidRequest naming
+        `field` (what the tokens are for) when they exceed what the tier can ever grant at once."""
         if decided is None:
             tier = self._tier(key)
             try:
@@ -258,6 +298,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
             tier, d = decided
         self._decided("limited" if not d.allowed else "allowed_local" if d.degraded else "allowed")
         self._headroom.saw(key.key_id, d)
+        if not d.tokens.allowed and not math.isfinite(d.tokens.retry_after_s):  # no wait would make it fit
+            raise InvalidRequest(f"{field}: needs up to {tokens} tokens (prompt estimate plus max_new_tokens); the "
+                                 f"API key's tier grants at most {d.tokens.limit} at once")
         if not d.allowed:
             violations = []
             if not d.requests.allowed:
@@ -279,7 +322,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"),
             )))
 
-    async def _admit_fast(self, presented: Presented, requested_model: str, cost: int,
+    async def _admit_fast(self, presented: Presented, requested_model: str | None, cost: int,
                           record: CallRecord) -> tuple[KeyRecord, str, tuple[Tier, GuardedDecision] | None] | None:
         """Authenticate and charge in ONE Redis round trip, for a key this router verified before: its lookup and
         the charge at the tier it had are pipelined, then the key is checked. A guess that proves wrong (key now
@@ -298,7 +341,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         try:
             key = self.auth.verify_reply(presented, reply)
             record.authenticated(key)
-            model = self._resolve_model(key, requested_model)
+            model = self._resolve_model(key, requested_model) if requested_model is not None else ""
         except BaseException:
             if d.allowed:
                 self._background(self.limiter.refund_quota(key_id, tier, cost))
@@ -350,6 +393,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         prompt estimate can fall short), into debt if need be — in the background: the client's response does not
         wait for Redis. Idempotent; nothing for a call that was never charged. `settle_pending()` waits for every
         settlement still running (used when the router stops)."""
+        if record.slot is not None:
+            record.slot.release()
         if record.settled or record.tier is None:
             return
         record.settled = True
@@ -385,7 +430,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     async def _events(self, job: wpb.Job, context, *, prefer: str | None = None,
                       requests: asyncio.Queue | None = None, on_address: Callable[[str], None] | None = None,
-                      record: CallRecord | None = None) -> AsyncIterator[wpb.WorkerEvent]:
+                      record: CallRecord | None = None,
+                      renames: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[wpb.WorkerEvent]:
         """Run one job on a worker and yield its events, failing over when the worker goes away.
 
         A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before
@@ -463,8 +509,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     self._no_run.add(target)
                     log.info("worker_without_run", worker=target)
                     continue
-                if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on
-                    raise from_rpc_error(exc) from exc
+                if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on, in public names
+                    raise public_error(exc, renames) from exc
                 failures += 1
                 if record is not None:
                     record.failovers += 1
@@ -492,7 +538,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     def _fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Fanout:
         """Start every job now, each on its own worker pick (with failover: _events)."""
-        return Fanout(jobs, lambda job: self._events(job, context, record=record))
+        return Fanout(jobs, lambda job: self._events(job, context, record=record, renames=_renames(job)))
 
     async def _close(self, fanout: Fanout | None) -> None:
         if fanout is None:
@@ -533,26 +579,23 @@ class RouterServicer(pb_grpc.InferenceServicer):
         admission was in flight: _dispatch_ahead)."""
         presented = self.auth.begin(context)
         record.inputs = len(request.inputs)
-        well_formed = 0 < len(request.inputs) <= MAX_INPUTS
+        num_chars = sum(len(t) for t in request.inputs)
+        well_formed = 0 < len(request.inputs) <= MAX_INPUTS and num_chars <= self.config.max_request_chars
         cost = sum(estimate_text(t, request.parameters) for t in request.inputs) if well_formed else 0
         ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
         try:
             if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send
                 await asyncio.sleep(0)  # task runs): the admission round trip below overlaps them
                 await asyncio.sleep(0)
-            fast = await self._admit_fast(presented, request.model, cost, record) if well_formed else None
-            if fast is not None:
-                key, model, decided = fast
-            else:
-                key = self.auth.finish(presented, await self.auth.lookup(presented))
-                record.authenticated(key)
-                model, decided = self._resolve_model(key, request.model), None
+            key, model, decided = await self._admit(presented, request.model, cost, record, well_formed)
             record.model = model
             if not request.inputs:
                 raise InvalidRequest("inputs: at least one input is required")
             if len(request.inputs) > MAX_INPUTS:
                 raise InvalidRequest(f"inputs: at most {MAX_INPUTS} inputs per request")
-            await self._charge(key, cost, context, record, decided=decided)
+            self._check_size(num_chars, "inputs")
+            record.slot = self._hold(key, REQUESTS, cost, decided)
+            await self._charge(key, cost, context, record, decided=decided, field="inputs")
         except BaseException:
             if ahead is not None:
                 await self._drop_ahead(ahead[1])
@@ -637,7 +680,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
     @handle_stream_errors
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
         record = self._begin("Chat", context)  # the session until its first turn, then each turn's own
-        key = await self._authenticate(context, record)
+        presented = self.auth.begin(context)
+        key, _, _ = await self._admit(presented, None, 0, record, one_round_trip=False)
+        session_slot = self._hold(key, SESSIONS)
         base = record.request_id
         inbox = Outbox()  # client requests (unmerged) and the current turn's worker events (index 0, coalesced)
         session = _ChatSession(request_id=base)
@@ -646,27 +691,39 @@ class RouterServicer(pb_grpc.InferenceServicer):
             try:
                 async for req in request_iterator:
                     inbox.put(req)
+            except Exception as exc:  # e.g. a message that does not parse (worker.rpc_guard): the loop raises it
+                inbox.put(exc)
             finally:
                 inbox.put(_CLOSED)
 
         async def pump(job: wpb.Job, outbound: asyncio.Queue, turn_record: CallRecord) -> None:
             try:
                 async for event in self._events(job, context, prefer=session.address, requests=outbound,
-                                                on_address=session.pin, record=turn_record):
+                                                on_address=session.pin, record=turn_record, renames=_renames(job)):
                     inbox.put_event(0, event)
             except Exception as exc:
                 inbox.put(exc)
 
+        loop = asyncio.get_running_loop()
         reader = asyncio.create_task(read())
         turn: asyncio.Task | None = None
         outbound: asyncio.Queue | None = None
         closed = False
         sent_metadata = False
+        # A session is bounded in age and in idle time (it holds a slot of its key and a worker's cached history):
+        # past either it ends with UNAVAILABLE between turns, and a client reopens it with the conversation so far.
+        aged = loop.call_later(self.config.chat_max_age_s, inbox.put, _AGED)
+        idle = loop.call_later(self.config.chat_idle_timeout_s, inbox.put, _IDLE)
+        expiring = False
         try:
             while not (closed and turn is None):
                 index, item = await inbox.get()
                 if item is _CLOSED:
                     closed = True
+                elif item is _AGED or item is _IDLE:
+                    expiring = expiring or item is _AGED
+                    if turn is None and (item is _AGED or not idle.cancelled()):
+                        raise _session_over(item is _AGED, self.config)
                 elif isinstance(item, Exception):
                     raise item
                 elif index is None and item.HasField("cancel"):
@@ -675,8 +732,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 elif index is None:
                     if turn is not None:
                         raise InvalidRequest("turn: a reply is still streaming; send cancel first")
-                    if session.num_turns == 0:
-                        session.model = self._resolve_model(key, item.turn.model)
+                    idle.cancel()
                     request_id = f"{base}/{session.num_turns}"
                     if session.num_turns > 0:
                         record = CallRecord("Chat", request_id)
@@ -685,7 +741,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     record.request_id, record.turn, record.model = request_id, session.num_turns, session.model
                     record.inputs, record.started = 1, time.monotonic()
                     field_ = f"turns[{session.num_turns}]"
+                    self._check_size(sum(len(m.content) for m in item.turn.messages), f"{field_}.messages")
                     cost = estimate_chat(item.turn.messages, item.turn.parameters)
+                    if session.num_turns == 0:
+                        session.model = record.model = self._resolve_model(key, item.turn.model)
                     job = self._job(request_id, session.model, item.turn.parameters, context, key)
                     job.chat.messages.extend(item.turn.messages)
                     job.history_token_ids.extend(session.history)
@@ -696,7 +755,12 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     if ahead:  # the turn runs while its admission is in flight; its events wait in the inbox
                         turn = asyncio.create_task(pump(job, outbound, record))
                     try:
-                        await self._charge(key, cost, context, record, send_metadata=not sent_metadata)
+                        # the key is verified again (with the charge, one round trip): a key revoked or moved to
+                        # another tier since the session opened is seen at its next turn
+                        key, _, decided = await self._admit(presented, session.model, cost, record)
+                        record.slot = self._hold(key, REQUESTS, cost, decided)
+                        await self._charge(key, cost, context, record, send_metadata=not sent_metadata,
+                                           decided=decided, field=field_)
                     except BaseException:
                         if ahead:  # sent ahead, then denied (or the client left): the finally below stops it
                             self._ahead("cancelled")
@@ -731,18 +795,48 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     self._settle(record)
                     self._log_finished(record, grpc.StatusCode.OK)
                     yield pb.ChatEvent(end=pb.TurnEnd(finish_reason=fin.finish_reason, usage=fin.usage))
+                    if expiring:
+                        raise _session_over(True, self.config)
+                    idle = loop.call_later(self.config.chat_idle_timeout_s, inbox.put, _IDLE)
         finally:
+            aged.cancel()
+            idle.cancel()
+            session_slot.release()
             reader.cancel()
             if turn is not None:
                 turn.cancel()
-                await asyncio.gather(turn, return_exceptions=True)
+            # both are awaited: a task left pending or with an unread exception would be reported by asyncio
+            await asyncio.gather(reader, *([turn] if turn is not None else []), return_exceptions=True)
             self._settle(record)
 
     @handle_errors
     async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
         record = self._begin("CountTokens", context)
-        key = await self._authenticate(context, record)
-        model = record.model = self._resolve_model(key, request.model)
+        presented = self.auth.begin(context)
+        # metered like any call: one request, and the text's token estimate (settled to the exact count)
+        which = request.WhichOneof("input")
+        if which == "chat":
+            field_, num_chars = "chat.messages", sum(len(m.content) for m in request.chat.messages)
+            cost = estimate_chat(request.chat.messages, _NO_NEW_TOKENS)
+        else:
+            field_, num_chars = "text", len(request.text)
+            cost = estimate_text(request.text, _NO_NEW_TOKENS)
+        well_formed = which is not None and num_chars <= self.config.max_request_chars
+        key, model, decided = await self._admit(presented, request.model, cost, record, well_formed)
+        record.model, record.inputs = model, 1
+        if which is None:
+            raise InvalidRequest("input: set text or chat")
+        self._check_size(num_chars, field_)
+        record.slot = self._hold(key, REQUESTS, cost, decided)
+        try:
+            await self._charge(key, cost, context, record, decided=decided, field=field_)
+            await self._headers_out(record)
+            return await self._count_tokens(request, model, context, record)
+        finally:
+            self._settle(record)
+
+    async def _count_tokens(self, request: pb.CountTokensRequest, model: str, context,
+                            record: CallRecord) -> pb.CountTokensResponse:
         picked = self.pool.pick(model)
         if picked is None:
             raise NoHealthyWorker("no healthy worker for the model")
@@ -761,21 +855,41 @@ class RouterServicer(pb_grpc.InferenceServicer):
     @handle_errors
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         record = self._begin("ListModels", context)
-        await self._authenticate(context, record)
-        out = []
-        for name in self.pool.models():
-            picked = self.pool.pick(name)
-            max_context = 0
-            if picked is not None:
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                    info = await self.pool.stub(picked[0].address).Info(wpb.InfoRequest(), timeout=INFO_TIMEOUT_S,
-                                                                        metadata=self.pool.metadata)
-                    max_context = info.max_context
-            out.append(pb.ModelInfo(name=name, max_context=max_context))
-        return pb.ListModelsResponse(models=out)
+        presented = self.auth.begin(context)
+        key, _, decided = await self._admit(presented, None, 0, record)  # metered: one request
+        await self._charge(key, 0, context, record, decided=decided)
+        await self._headers_out(record)
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name=name, max_context=self.pool.max_context(name))
+                                             for name in self.pool.models()])
 
 
 _CLOSED = object()  # the client half-closed its side of a Chat stream
+_AGED = object()  # a Chat session reached config.chat_max_age_s
+_IDLE = object()  # a Chat session waited config.chat_idle_timeout_s for its next turn
+
+
+class SessionOver(ServiceError):
+    """A Chat session reached its maximum age or idle time; the client reopens it (UNAVAILABLE is retried)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+def _session_over(aged: bool, config: RouterConfig) -> SessionOver:
+    if aged:
+        return SessionOver(f"the chat session reached its maximum age of {config.chat_max_age_s:g} s; open a new "
+                           "session with the conversation so far")
+    return SessionOver(f"the chat session was idle for {config.chat_idle_timeout_s:g} s; open a new session with "
+                       "the conversation so far")
+
+
+def _renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
+    """How the worker's names for a job's fields read in the public request it came from: a Generate input
+    `inputs[i]` (request id `<call>/<i>`), a Chat turn `turns[n]` (request id `<session>/<n>`)."""
+    n = job.request_id.rsplit("/", 1)[-1]
+    if job.WhichOneof("prompt") == "chat":
+        return (("job.chat.", f"turns[{n}]."), ("job.chat", f"turns[{n}].messages"),
+                ("job.parameters", f"turns[{n}].parameters"), ("job.", f"turns[{n}]."))
+    return (("job.text", f"inputs[{n}]"), ("job.parameters", "parameters"), ("job.", f"inputs[{n}]."))
 EOS_TOKEN_ID = 2  # Llama-2's </s>; worker/server.py appends it the same way to close a reply in the history
 
 
@@ -806,10 +920,14 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     if redis_url is None:
         embedded = RedisServer().start()
         redis_url = embedded.url
-    client = connect(redis_url, timeout_s=max(config.redis_timeout_s, 0.05))
+    ceiling_s = max(config.redis_timeout_s, config.redis_max_timeout_s)
+    client = connect(redis_url, timeout_s=ceiling_s, connect_timeout_s=config.redis_timeout_s)
     store = ApiKeyStore(client, pepper=config.key_pepper)
-    limiter = GuardedLimiter(RateLimiter(client, timeout_s=max(config.redis_timeout_s * 5, 0.25)),
-                             policy=config.failure_policy, cooldown_s=config.fallback_cooldown_s)
+    peers = PeerRegistry(client, heartbeat_s=config.router_heartbeat_s, timeout_s=ceiling_s)
+    await peers.start()
+    limiter = GuardedLimiter(RateLimiter(client, timeout_s=config.redis_timeout_s, max_timeout_s=ceiling_s),
+                             policy=config.failure_policy, cooldown_s=config.fallback_cooldown_s,
+                             num_routers=peers.count, fallback_share=config.fallback_share)
     tiers = TierSource(config.tiers_path, config.tier_check_interval_s)
     if pool is None:
         pool = WorkerPool(from_spec(config.workers, config.discovery_interval_s))
@@ -819,12 +937,19 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
                   if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
     auth = Authenticator(store, config.max_auth_failures, last_known=last_known)
     servicer = RouterServicer(config, pool, auth, limiter, tiers)
+    servicer.slots = KeySlots(num_routers=peers.count)
     metrics_http = None
     if config.metrics_port is not None:
         servicer.metrics = RouterMetrics(pool, auth, limiter)
         metrics_http = serve_metrics(servicer.metrics.registry, config.host, config.metrics_port)
         log.info("metrics_serving", port=metrics_http.server_port)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    connections = server_options(
+        keepalive_time_s=config.keepalive_time_s, keepalive_timeout_s=config.keepalive_timeout_s,
+        min_client_ping_interval_s=config.min_client_ping_interval_s,
+        max_connection_idle_s=config.max_connection_idle_s, max_connection_age_s=config.max_connection_age_s,
+        max_connection_age_grace_s=config.max_connection_age_grace_s,
+        max_concurrent_streams=config.max_concurrent_streams)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *connections], interceptors=[RequestGuard()])
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health = RouterHealth(pool)
     health.add_to_server(server)
@@ -840,6 +965,7 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     await server.start()
     await health.start()
     log.info("router_started", port=port, workers=config.workers, embedded_redis=embedded is not None,
+             routers=peers.count(),
              tls=config.tls_cert is not None, internal_token=config.internal_token is not None)
 
     async def cleanup(grace_s: float | None = None) -> None:
@@ -848,6 +974,8 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
         log.info("router_draining", grace_s=grace)
         await server.stop(grace)
         await servicer.settle_pending()
+        await limiter.close()
+        await peers.stop()
         await health.stop()
         await pool.stop()
         await client.aclose()

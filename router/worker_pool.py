@@ -165,6 +165,11 @@ class WorkerPool:
         """Healthy model names mapped to their number of healthy workers, sorted by name."""
         return balancer.models(self.snapshot())
 
+    def max_context(self, model: str) -> int:
+        """The context length (tokens) that workers of `model` reported in their Info; 0 when none is known."""
+        return max((w.info.max_context for w in self._workers.values()
+                    if w.info is not None and w.info.model == model), default=0)
+
     def default_model(self) -> str | None:
         """The model of the healthy pool if it serves exactly one, else the first by name; None when none healthy."""
         names = list(self.models())

@@ -32,7 +32,8 @@ from tests.service.router_harness import auth, create_keys
 NUM_REQUESTS = 200
 WORKER_ARGS = ("--model", "{model}", "--kv-cache-tokens", "6144", "--max-num-seqs", "64", "--num-threads", "1")
 SUPERVISOR_ARGS = ("--backoff-initial", "0.2", "--heartbeat-timeout", "15", "--stable-after", "5")
-TIERS = "[tiers.load]\nrequests_per_minute = 1000000\ntokens_per_minute = 100000000\n"
+TIERS = ("[tiers.load]\nrequests_per_minute = 1000000\ntokens_per_minute = 100000000\n"
+         "max_concurrent_requests = 1000\n")  # the load's streams run all at once
 
 
 def _requests() -> list[pb.GenerateRequest]:

@@ -214,9 +214,9 @@ class FakeRedisLimiter:
             raise RateLimitBackendError("rate-limit backend failed: ConnectionError: refused")
 
     async def acquire_quota(self, key, rpm, tpm, tokens):
-        self._check()
-        ok = Decision(True, 0, 0.0, 0.0, 1)
-        return QuotaDecision(ok, ok)
+        self._check()  # answers as if the shared buckets were full: the local ones mirror that
+        return QuotaDecision(Decision(True, rpm.burst, 0.0, 0.0, rpm.burst),
+                             Decision(True, tpm.burst, 0.0, 0.0, tpm.burst))
 
     async def refund(self, key, limit, amount, bucket="tok"):
         self._check()
@@ -300,7 +300,10 @@ def test_router_config_from_args_reads_env_only_when_called():
     assert cfg.workers == "w1:50061, w2:50061"
     assert cfg.failure_policy is FailurePolicy.FAIL_CLOSED and cfg.tiers_path == Path("/etc/tiers.toml")
     assert cfg.key_pepper == b"s3cret" and "s3cret" not in repr(cfg)
-    assert cfg.redis_url == "redis://r:6379/0" and cfg.redis_timeout_s == 0.05
+    assert cfg.redis_url == "redis://r:6379/0" and cfg.redis_timeout_s == 0.25
+    assert cfg.fallback_share is None and cfg.redis_max_timeout_s == 2.0
+    cfg = config_from_args(build_parser().parse_args(["--fallback-share", "0.5", "--redis-max-timeout", "3"]), {})
+    assert cfg.fallback_share == 0.5 and cfg.redis_max_timeout_s == 3.0
     cfg = config_from_args(build_parser().parse_args(["--workers", "dns:worker:50061"]), environ={})
     assert cfg.workers == "dns:worker:50061" and cfg.redis_url is None and cfg.key_pepper == b""
     assert cfg.failure_policy is FailurePolicy.FAIL_OPEN
@@ -318,6 +321,10 @@ def test_router_config_from_args_reads_env_only_when_called():
     ({"port": 70000}, "port must be"),
     ({"redis_url": "http://x"}, "redis_url"),
     ({"redis_timeout_s": 0}, "redis_timeout_s"),
+    ({"redis_max_timeout_s": 0}, "redis_max_timeout_s"),
+    ({"fallback_share": 0}, "fallback_share"),
+    ({"fallback_share": 1.5}, "fallback_share"),
+    ({"router_heartbeat_s": 0}, "router_heartbeat_s"),
     ({"max_auth_failures": 0}, "max_auth_failures"),
     ({"retry_attempts": -1}, "retry_attempts"),
     ({"failure_policy": "fail-open"}, "failure_policy"),
