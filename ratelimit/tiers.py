@@ -25,8 +25,9 @@ class Tier:
     """One named tier: a requests-per-minute bucket and a tokens-per-minute bucket per API key, plus its share.
 
     `weight`: the key's share of a worker's admissions relative to other tenants' (worker fair scheduling).
-    `max_concurrent_requests`: a key's Generate/GenerateStream calls and Chat turns in flight at once (per router).
-    `max_chat_sessions`: a key's open Chat streams at once (per router)."""
+    `max_concurrent_requests`: a key's Generate/GenerateStream calls and Chat turns in flight at once, cluster-wide
+    (each of N live routers enforces ceil(cap / N): router.concurrency).
+    `max_chat_sessions`: a key's open Chat streams at once, cluster-wide likewise."""
 
     name: str
     requests: Limit

@@ -21,6 +21,8 @@ llamagrid_router_completion_tokens_total      counter    model           complet
 llamagrid_router_ratelimit_decisions_total    counter    outcome         admission decisions: allowed (Redis),
                                                                          allowed_local (local buckets, Redis down,
                                                                          fail-open), limited (RESOURCE_EXHAUSTED),
+                                                                         concurrency_limited (the key's calls in
+                                                                         flight or Chat sessions at its cap),
                                                                          unavailable (fail-closed)
 llamagrid_router_dispatch_ahead_total         counter    outcome         requests sent to a worker while their admission
                                                                          was in flight (router.ahead): kept (admitted)
@@ -28,6 +30,11 @@ llamagrid_router_dispatch_ahead_total         counter    outcome         request
 llamagrid_router_ratelimit_fallbacks_total    counter    -               answers (charges and refunds) given by the
                                                                          local buckets while Redis was failing
 llamagrid_router_ratelimit_recoveries_total   counter    -               Redis came back after failing
+llamagrid_router_ratelimit_replayed_total     counter    -               local-bucket charges (per key and bucket)
+                                                                         written back to Redis after it recovered
+llamagrid_router_routers_alive                gauge      -               routers in the Redis registry, this one
+                                                                         included: each takes 1/N of a tier's caps
+                                                                         and of its fallback buckets
 llamagrid_router_ratelimit_degraded           gauge      -               1 while the limiter is skipping a failed Redis
 llamagrid_router_auth_failures_total          counter    reason          failed authentications: missing (no key),
                                                                          invalid (unknown or revoked key), blocked (too
@@ -53,7 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from worker.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
 
 INFERENCE_SERVICE = "llamagrid.v1.Inference"
-DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "unavailable")
+DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "concurrency_limited", "unavailable")
 AHEAD_OUTCOMES = ("kept", "cancelled")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "blocked")
 
@@ -132,6 +139,11 @@ class _StateCollector:
                                       value=c.recoveries)
             yield GaugeMetricFamily("llamagrid_router_ratelimit_degraded", "1 while a failed Redis is skipped.",
                                     value=1 if self.limiter.degraded else 0)
+            yield CounterMetricFamily("llamagrid_router_ratelimit_replayed",
+                                      "Local-bucket charges written back to Redis after it recovered.",
+                                      value=c.replayed)
+            yield GaugeMetricFamily("llamagrid_router_routers_alive", "Routers alive in the Redis registry.",
+                                    value=self.limiter.num_routers())
         if self.auth is not None:
             keystore_errors = getattr(self.auth, "backend_errors", 0)
             failures = CounterMetricFamily("llamagrid_router_auth_failures", "Failed authentications by reason.",

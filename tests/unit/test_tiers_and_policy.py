@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -334,3 +335,9 @@ def test_router_config_validation(changes, message):
     base = RouterConfig(workers="w:50061")
     with pytest.raises(ValueError, match=message):
         replace(base, **changes)
+
+
+def test_readme_tier_file_is_the_default_tiers():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = "[tiers.free]" + readme.split("```toml\n[tiers.free]", 1)[1].split("```", 1)[0]
+    assert parse_tiers(tomllib.loads(block)) == DEFAULT_TIERS
