@@ -803,6 +803,13 @@ class RouterServicer(pb_grpc.InferenceServicer):
             idle.cancel()
             session_slot.release()
             reader.cancel()
+            if outbound is not None:
+                # half-close the current turn's worker stream. When its worker call is already over (the worker
+                # refused the turn, or the job finished and the client left before its end was relayed), cancelling
+                # the call or the turn does nothing, and gRPC's task feeding the call's requests (_outbound) would
+                # wait on this queue forever, to be destroyed pending by the garbage collector ("Task was destroyed
+                # but it is pending!", "aclose(): asynchronous generator is already running")
+                outbound.put_nowait(None)
             if turn is not None:
                 turn.cancel()
             # both are awaited: a task left pending or with an unread exception would be reported by asyncio

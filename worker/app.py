@@ -26,6 +26,7 @@ from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
 from worker.internal_auth import InternalTokenInterceptor
 from worker.kv_cache import BlockManager
+from worker.logs import adopt_library_loggers
 from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
@@ -244,6 +245,7 @@ async def _set_health(health: HealthServicer, status) -> None:
 
 async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
     """Load, warm up, serve until SIGTERM/SIGINT, then drain in-flight requests and stop."""
+    adopt_library_loggers()  # transformers, imported with this module after logging was configured
     worker = Worker(config)
     metrics_http = None
     if config.metrics_port is not None:

@@ -146,6 +146,21 @@ def _showwarning(message, category, filename, lineno, file=None, line=None) -> N
                  message=safe_text(str(message)))
 
 
+def adopt_library_loggers() -> None:
+    """Route every logger that prints by itself (a library's own stderr handler with propagation off, as
+    transformers sets up when it is imported) through the root's JSON handler instead. configure_logging does this
+    for the libraries imported by then; call it again once a library imported later has created its loggers."""
+    for logger in list(logging.root.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        printers = [h for h in logger.handlers if type(h) is logging.StreamHandler
+                    and h.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+        for handler in printers:
+            logger.removeHandler(handler)
+        if printers:
+            logger.propagate = True
+
+
 def configure_logging(level: str = "info", **bound) -> None:
     """Send JSON lines to stderr; `bound` key/values (e.g. component, port) go on every line."""
     levelno = logging.getLevelName(level.upper())
@@ -177,6 +192,7 @@ def configure_logging(level: str = "info", **bound) -> None:
             root.removeHandler(handler)
     root.addHandler(_JSONHandler(formatter, sys.stderr))
     root.setLevel(levelno)
+    adopt_library_loggers()
 
     warnings.showwarning = _showwarning
     sys.excepthook = _excepthook

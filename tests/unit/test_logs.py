@@ -58,7 +58,11 @@ import grpc
 from worker.logs import configure_logging
 
 SECRET = sys.argv[1]
+own = logging.getLogger("own.lib")  # a library that prints by itself, as transformers does once imported
+own.addHandler(logging.StreamHandler())
+own.propagate = False
 configure_logging("debug", component="test")
+own.warning(f"Token indices sequence length is longer ({SECRET})")
 
 
 async def fail():
@@ -143,6 +147,7 @@ def test_every_stderr_line_is_json_without_exception_text(tmp_path):
     assert "Unexpected [ValueError] raised by servicer method [/t.S/Boom]" in {e["message"] for e in grpc_lines}
     library = [e for e in events if e["event"] == "log_record" and e["source"] == "some.lib"]
     assert [e["message"] for e in library] == ["peer %s sent %r", "value", "failed"]
+    assert [e["message"] for e in events if e.get("source") == "own.lib"] == ["Token indices sequence length is longer"]
     assert library[2]["exception"] == "ValueError" and library[2]["frames"] == []
     kinds = {e["event"] for e in events}
     assert {"python_warning", "thread_exception", "unraisable_exception", "uncaught_exception"} <= kinds
