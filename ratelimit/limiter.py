@@ -116,6 +116,13 @@ class RoundTripDeadline:
         self._until_update = 0
         self.timeout_s = floor_s
 
+    def timed_out(self) -> None:
+        """A call ran past the deadline: double it (up to the ceiling). Latency that jumped above the deadline
+        before any call could succeed would otherwise keep every call failing. It holds for the next 32 successes
+        (enough for the new latency to show in the p99), then follows them again."""
+        self.timeout_s = min(self.ceiling_s, self.timeout_s * 2)
+        self._until_update = 32
+
     def observe(self, seconds: float) -> None:
         """One successful round trip; the deadline is recomputed every 32 of them (sorting is not per call)."""
         self._samples.append(seconds)
@@ -212,23 +219,27 @@ class RateLimiter:
     async def _run(self, keys: list[str], args: list, before: Sequence[tuple] = ()) -> tuple[list, list]:
         """One round trip: the commands `before` (their replies returned as they are, an exception instance for a
         command Redis refused) and the script's EVALSHA, sent with whatever other decisions this event-loop pass
-        issued (CommandBatcher). A NOSCRIPT reply (Redis restarted or flushed its scripts) loads the script and
-        sends them again."""
+        issued (CommandBatcher). A NOSCRIPT reply (Redis restarted or flushed its scripts) sends them again after a
+        SCRIPT LOAD, in the same batch: one more round trip, and callers that hit NOSCRIPT together share its
+        connection rather than each opening one to load the script."""
         evalsha = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        commands = (*before, evalsha)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             async with asyncio.timeout(self.deadline.timeout_s):
                 for attempt in range(2):
-                    *replies, raw = await self._batcher.run((*before, evalsha))
+                    *replies, raw = await self._batcher.run(commands)
                     if isinstance(raw, NoScriptError) and attempt == 0:
-                        await self._redis.script_load(_SCRIPT)
+                        commands = (*before, ("SCRIPT", "LOAD", _SCRIPT), evalsha)
                         continue
                     if isinstance(raw, BaseException):
                         raise raw
                     self.deadline.observe(loop.time() - started)
-                    return replies, raw
+                    return replies[:len(before)], raw
         except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.deadline.timed_out()
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
 

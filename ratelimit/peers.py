@@ -15,16 +15,18 @@ from redis.exceptions import RedisError
 
 log = structlog.get_logger("ratelimit.peers")
 
-# KEYS[1]: sorted set of router ids scored by their last heartbeat (ms of Redis TIME: one clock for every router)
-# ARGV[1]: this router's id; ARGV[2]: how long (ms) an id counts after its last heartbeat
-# Returns the number of routers that heartbeated within that time, this one included.
+# KEYS[1]: sorted set of router ids scored by when each one's entry expires (ms of Redis TIME: one clock for every
+# router; each entry carries its own router's TTL, so routers with different heartbeat settings never expire
+# each other early)
+# ARGV[1]: this router's id; ARGV[2]: how long (ms) its entry counts after this heartbeat
+# Returns the number of routers whose entries have not expired, this one included.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
 return redis.call('ZCARD', KEYS[1])
 """
 
@@ -72,10 +74,10 @@ class PeerRegistry:
     async def stop(self) -> None:
         """Stop heartbeating and leave the registry (best effort), so the others count one router less at once."""
         if self._task is not None:
-            self._task.cancel()
+            task, self._task = self._task, None
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self.timeout_s):
                 await self._redis.zrem(self.key, self.router_id)
@@ -86,6 +88,11 @@ class PeerRegistry:
             async with asyncio.timeout(self.timeout_s):
                 seen = int(await self._script(keys=[self.key], args=[self.router_id, int(self.ttl_s * 1000)]))
         except (RedisError, OSError, TimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # stop() cancelled this heartbeat as it timed out (or redis-py turned the cancel into an error):
+                # honour the cancel, or the heartbeat loop would go on and stop() would wait for it for ever
+                raise asyncio.CancelledError from exc
             if self._reachable is not False:
                 log.warning("router_registry_unreachable", router_id=self.router_id, routers=self._count,
                             error=type(exc).__name__)
@@ -99,6 +106,9 @@ class PeerRegistry:
         return seen
 
     async def _beat_forever(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        # a cancel that arrives inside a Redis command can be swallowed on its way out of redis-py: the loop checks
+        # for it itself, so stop() never waits on a loop that goes on beating
+        while not me.cancelling():
             await asyncio.sleep(self.heartbeat_s)
             await self.heartbeat()
