@@ -722,7 +722,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     closed = True
                 elif item is _AGED or item is _IDLE:
                     expiring = expiring or item is _AGED
-                    if turn is None and (item is _AGED or not idle.cancelled()):
+                    # an _IDLE counts only from the session's current idle timer (one that fired just as a turn
+                    # came in may still be queued when the next idle period starts)
+                    if turn is None and (item is _AGED or (not idle.cancelled() and idle.when() <= loop.time())):
                         raise _session_over(item is _AGED, self.config)
                 elif isinstance(item, Exception):
                     raise item
