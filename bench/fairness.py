@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,11 +183,7 @@ class Cluster:
         if self.keep_logs:
             print(f"logs: {self.tmp}")
             return
-        for p in sorted(self.tmp.rglob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                p.rmdir() if p.is_dir() else p.unlink()
-        with contextlib.suppress(OSError):
-            self.tmp.rmdir()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---- load
