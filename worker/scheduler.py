@@ -125,7 +125,12 @@ class Scheduler:
             budget -= num_new_tokens
             i += 1
         if not preempted:
-            self._admit(budget, entries, preempted)
+            decoding = list(entries)
+            if self._admit(budget, entries, preempted):
+                # a tenant below its share just claimed room: its prefill runs in a step of its own, so its first
+                # token waits for no one else's tokens (the others lose one step, once per claim)
+                for seq in decoding:
+                    entries.pop(seq, None)
         if not entries:
             return None
         return ScheduledBatch(tuple(entries.values()), tuple(preempted))
@@ -191,7 +196,8 @@ class Scheduler:
         self.block_manager.allocate(seq, num_new_tokens)
         return True
 
-    def _admit(self, budget: int, entries: dict[Sequence, ScheduledSeq], preempted: list[Sequence]) -> None:
+    def _admit(self, budget: int, entries: dict[Sequence, ScheduledSeq], preempted: list[Sequence]) -> bool:
+        """Start waiting sequences while room allows; True when one claimed room by preempting (_claim_fair_share)."""
         counts = Counter(s.tenant for s in self.running)
         shares = self._shares(self.config.max_num_seqs, counts)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -204,10 +210,11 @@ class Scheduler:
             counts[seq.tenant] += 1
             budget -= num_new_tokens
         if self.waiting and budget > 0:
-            self._claim_fair_share(budget, counts, entries, preempted)
+            return self._claim_fair_share(budget, counts, entries, preempted)
+        return False
 
     def _claim_fair_share(self, budget: int, counts: Counter[str], entries: dict[Sequence, ScheduledSeq],
-                          preempted: list[Sequence]) -> None:
+                          preempted: list[Sequence]) -> bool:
         # Room ran out (slots or blocks). A waiting tenant below its share of the running set as it is now gets
         # its next sequence in, preempting the newest sequences of tenants above their shares if it must. A
         # victim's tenant never drops below its share and the claimant never goes above its own, so slots
@@ -215,7 +222,7 @@ class Scheduler:
         shares = self._shares(len(self.running), counts)
         below = self._below_share(counts, shares)
         if not below:
-            return
+            return False
         seq = self.waiting.peek(first=below)
         prefix = self.block_manager.get_computed_prefix(seq)
         num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
@@ -224,7 +231,7 @@ class Scheduler:
         while not self._fits(seq, num_new_tokens, prefix, victims):
             victim = self._over_share_victim([s for s in self.running if s not in victims], left, shares)
             if victim is None:
-                return  # cannot make room: preempt nobody
+                return False  # cannot make room: preempt nobody
             victims.append(victim)
             left[victim.tenant] -= 1
         for victim in victims:
@@ -232,6 +239,7 @@ class Scheduler:
             entries.pop(victim, None)
             preempted.append(victim)
         self._start(seq, num_new_tokens, prefix, entries)
+        return True
 
     def _shares(self, num_slots: int, counts: Counter[str]) -> dict[str, int]:
         """Each tenant's share of num_slots running sequences; empty when fewer than two tenants have work."""
