@@ -19,12 +19,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.ports import write_port_file  # noqa: E402
+from common.signals import until_terminated  # noqa: E402
 from protos.llamagrid.v1 import inference_pb2 as pb  # noqa: E402
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc  # noqa: E402
-from worker.ports import write_port_file  # noqa: E402
-from worker.signals import until_terminated  # noqa: E402
 
 
 class BareRelay(pb_grpc.InferenceServicer):

@@ -238,7 +238,7 @@ class RouterProcess:
 
     def __init__(self, redis_url: str, tiers_path: Path, log_path: Path, args: Sequence[str] = (),
                  launcher: Sequence[str] = ROUTER) -> None:
-        from worker.ports import free_ports
+        from common.ports import free_ports
 
         self.log_path = log_path
         self.port_file = log_path.with_suffix(".port")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker.ports import free_ports
+from common.ports import free_ports
 
 DEMO_TIER = "pro"
 TINY_KV_CACHE_TOKENS = 16384  # the generated model's KV is small; do not size it from the machine's RAM
@@ -40,8 +40,8 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
+        from common.internal_auth import INTERNAL_TOKEN_ENV
         from router.config import PEPPER_ENV
-        from worker.internal_auth import INTERNAL_TOKEN_ENV
 
         return {**os.environ, INTERNAL_TOKEN_ENV: self.token, PEPPER_ENV: self.pepper}
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker.ports import free_port
+from common.ports import free_port
 
 
 def find_redis_server() -> str:

@@ -6,10 +6,10 @@ import asyncio
 import sys
 from pathlib import Path
 
+from common.logs import configure_logging
+from common.ports import write_port_file
+from common.signals import until_terminated
 from router.config import RouterConfig, build_parser, config_from_args
-from worker.logs import configure_logging
-from worker.ports import write_port_file
-from worker.signals import until_terminated
 
 
 async def serve(config: RouterConfig, port_file: Path | None = None) -> None:

@@ -13,9 +13,9 @@ import grpc
 import structlog
 from redis.exceptions import RedisError
 
+from common.log_throttle import Throttle
 from router.errors import LimiterDown, PermissionDenied, RateLimited, Unauthenticated
 from router.keys import ApiKeyStore, KeyRecord, parse_bearer, parse_key_id
-from worker.log_throttle import Throttle
 
 log = structlog.get_logger("router.auth")
 # Failed and refused attempts are logged at most once per event and interval (with the count suppressed since):

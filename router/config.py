@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 from ratelimit.policy import FailurePolicy
 from router.discovery import from_spec
-from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 
 PEPPER_ENV = "LLAMAGRID_KEY_PEPPER"
 REDIS_URL_ENV = "LLAMAGRID_REDIS_URL"
@@ -50,8 +50,8 @@ class RouterConfig:
     chat_idle_timeout_s: float = 600.0  # a Chat session with no turn for this long ends (UNAVAILABLE)
     tls_cert: Path | None = None  # PEM chain for the client port; with tls_key, or neither (plaintext)
     tls_key: Path | None = None
-    internal_token: str | None = field(default=None, repr=False)  # secret sent to workers (worker.internal_auth)
-    # client connections (worker.connections.server_options; 0 turns an idle, age or stream limit off)
+    internal_token: str | None = field(default=None, repr=False)  # secret sent to workers (common.internal_auth)
+    # client connections (common.connections.server_options; 0 turns an idle, age or stream limit off)
     keepalive_time_s: float = 60.0  # ping a quiet connection: dead clients' calls end (under most LBs' idle cutoffs)
     keepalive_timeout_s: float = 20.0  # ... and drop it when the ping is not answered in this time
     min_client_ping_interval_s: float = 10.0  # clients' own keepalive pings, with or without calls, this often at most

@@ -1,4 +1,4 @@
-"""Router-specific errors; the mapping to gRPC status is worker.errors', shared by both services."""
+"""Router-specific errors; the mapping to gRPC status is common.errors', shared by both services."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from worker.errors import (  # noqa: F401 - re-exported for the router
+from common.errors import (  # noqa: F401 - re-exported for the router
     ModelNotFound,
     ServiceError,
     UpstreamError,

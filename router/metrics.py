@@ -57,7 +57,7 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from worker.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
+from common.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
 
 INFERENCE_SERVICE = "llamagrid.v1.Inference"
 DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "concurrency_limited", "unavailable")

@@ -16,6 +16,9 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
+from common.connections import server_options
+from common.internal_auth import token_metadata
+from common.rpc_guard import RequestGuard
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
@@ -47,9 +50,6 @@ from router.keys import ApiKeyStore, KeyRecord
 from router.metrics import RouterMetrics, serve_metrics, stop_metrics
 from router.outbox import Outbox
 from router.worker_pool import WorkerPool
-from worker.connections import server_options
-from worker.internal_auth import token_metadata
-from worker.rpc_guard import RequestGuard
 
 log = structlog.get_logger("router.server")
 
@@ -211,7 +211,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         return record
 
     def rpc_observer(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Called by worker.errors' decorators when a call ends: metrics, and the call's request_finished log
+        """Called by common.errors' decorators when a call ends: metrics, and the call's request_finished log
         event unless it was logged already (a Chat logs each turn as it ends)."""
         if self.metrics is not None:
             self.metrics.rpc_observer(method, code, seconds)
@@ -691,7 +691,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             try:
                 async for req in request_iterator:
                     inbox.put(req)
-            except Exception as exc:  # e.g. a message that does not parse (worker.rpc_guard): the loop raises it
+            except Exception as exc:  # e.g. a message that does not parse (common.rpc_guard): the loop raises it
                 inbox.put(exc)
             finally:
                 inbox.put(_CLOSED)

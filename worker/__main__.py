@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from common.logs import configure_logging
 from worker.config import ConfigRefused, build_parser, config_from_args
-from worker.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:

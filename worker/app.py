@@ -16,27 +16,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from common.connections import server_options
+from common.internal_auth import InternalTokenInterceptor
+from common.logs import adopt_library_loggers
+from common.ports import write_port_file
+from common.rpc_guard import RequestGuard
+from common.signals import until_terminated
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
-from worker.connections import server_options
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
 from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
-from worker.internal_auth import InternalTokenInterceptor
 from worker.kv_cache import BlockManager
-from worker.logs import adopt_library_loggers
 from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
-from worker.ports import write_port_file
-from worker.rpc_guard import RequestGuard
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import SamplingParams
 from worker.server import InferenceServicer, WorkerServicer
 from worker.service import InferenceService
-from worker.signals import until_terminated
 from worker.tokenizer import Tokenizer
 from worker.tp.group import RankGroup, check_tp_config
 from worker.validation import Limits
@@ -222,7 +222,7 @@ def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server,
                              interceptors=[*interceptors, RequestGuard()])
     inference, internal = InferenceServicer(worker.service), WorkerServicer(worker.service, worker.info)
     metrics = getattr(worker, "metrics", None)
-    if metrics is not None:  # requests_total / request_duration_seconds via worker.errors' decorators
+    if metrics is not None:  # requests_total / request_duration_seconds via common.errors' decorators
         inference.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[1])
         internal.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[2])
     pb_grpc.add_InferenceServicer_to_server(inference, server)

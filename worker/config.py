@@ -6,8 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 from worker import faults
-from worker.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -40,7 +40,7 @@ class WorkerConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     drain_timeout_s: float = 30.0
     log_level: str = "info"
-    internal_token: str | None = field(default=None, repr=False)  # secret: calls must carry it (worker.internal_auth)
+    internal_token: str | None = field(default=None, repr=False)  # secret: calls must carry it (common.internal_auth)
     tp_size: int = 1  # tensor-parallel ranks in this replica; rank 0 (this process) spawns the others
     run_dir: Path | None = None  # each rank keeps its heartbeat file rank{r}.heartbeat here (worker.heartbeat)
     cuda_graphs: bool = False  # decode steps as CUDA graphs (one GPU rank only; worker.cuda_graphs)

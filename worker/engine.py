@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 import structlog
 import torch
 
+from common.errors import EngineUnavailable, ServiceError
 from worker.detokenizer import TextStream, TokenDecoder
-from worker.errors import EngineUnavailable, ServiceError
 from worker.faults import NO_FAULTS, FaultPlan, exit_for_oom
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.errors import InvalidRequest, ServiceError, handle_errors, handle_stream_errors
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.engine import ErrorEvent, FinishEvent, TokenEvent
-from worker.errors import InvalidRequest, ServiceError, handle_errors, handle_stream_errors
 from worker.service import InferenceService, Job, new_request_id
 from worker.validation import check_text
 

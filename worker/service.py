@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.errors import DuplicateRequest, EngineUnavailable, InvalidRequest, ModelNotFound
 from protos.llamagrid.v1 import inference_pb2 as pb
 from worker import chat_template
 from worker.engine import Engine, EngineRequest, ErrorEvent, Event, FinishEvent, TokenEvent
-from worker.errors import DuplicateRequest, EngineUnavailable, InvalidRequest, ModelNotFound
 from worker.sequence import SamplingParams
 from worker.tokenizer import Tokenizer
 from worker.validation import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.errors import InvalidRequest
 from protos.llamagrid.v1 import inference_pb2 as pb
-from worker.errors import InvalidRequest
 from worker.sequence import SamplingParams
 from worker.tokenizer import GenerationDefaults
 

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 from redis.exceptions import RedisError, ResponseError
 
+from common.ports import free_port
 from ratelimit.batching import CommandBatcher
 from ratelimit.limiter import connect
-from worker.ports import free_port
 
 
 def test_one_pass_of_callers_shares_one_pipeline_and_each_gets_its_own_replies(run):

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.connections import INT_MAX, server_options
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig, build_parser, config_from_args
 from tests.service.router_harness import router_in_thread
-from worker.connections import INT_MAX, server_options
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7

@@ -13,12 +13,12 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.ports import free_port
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
 from tests.service.router_harness import auth, create_keys, serve_router
-from worker.ports import free_port
 
 CANARY = "canary-7f3e9 purple elephant sings"
 CANARY_KEY = "lg_canary7f3e9_purple-elephant-key"  # well-formed bearer token, no such key

@@ -770,8 +770,8 @@ def test_a_wrong_one_round_trip_guess_is_refunded(stub, redis_server, redis_send
 def two_routers_ahead(redis_url: str, workers, tiers_path):
     """Two routers on one Redis in front of `workers`: yields their channels and `ahead(outcome)`, the first
     router's llamagrid_router_dispatch_ahead_total{outcome}."""
+    from common.ports import free_port
     from tests.service.test_metrics import scrape, value
-    from worker.ports import free_port
 
     metrics_port = free_port()
     addresses = ",".join(w.address for w in workers)
@@ -896,8 +896,8 @@ def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, work
     """The client goes away while its admission round trip is still in flight (Redis stalled): the job already
     running on a worker is cancelled with the call, the worker gives every KV block back, and the charge Redis
     applies once it wakes is refunded whole (a client gone during its admission is not billed)."""
+    from common.ports import free_port
     from tests.service.test_metrics import scrape, value
-    from worker.ports import free_port
 
     metrics_port = free_port()
     key = new_keys(redis_server.url, {"meter": "meter"})["meter"]

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.internal_auth import INTERNAL_TOKEN_ENV, TOKEN_METADATA
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
@@ -24,7 +25,6 @@ from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
 from router.outbox import Outbox
 from tests.service.router_harness import auth, create_keys, router_in_thread
-from worker.internal_auth import INTERNAL_TOKEN_ENV, TOKEN_METADATA
 from worker.launch import start_worker
 
 TOKEN = "internal-token-for-tests-0123456789"

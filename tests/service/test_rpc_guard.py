@@ -12,14 +12,14 @@ import time
 import grpc
 import pytest
 
+from common.internal_auth import MIN_TOKEN_CHARS, InternalTokenInterceptor, token_metadata
+from common.rpc_guard import RequestGuard
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
 from tests.service.router_harness import auth, create_keys, router_in_thread
-from worker.internal_auth import MIN_TOKEN_CHARS, InternalTokenInterceptor, token_metadata
-from worker.rpc_guard import RequestGuard
 
 BAD = b"\xff\xff"  # a truncated varint: no message type parses it
 INFERENCE = "/llamagrid.v1.Inference/"

@@ -8,8 +8,8 @@ import grpc
 import pytest
 import structlog
 
-from worker.internal_auth import InternalTokenInterceptor
-from worker.log_throttle import Throttle
+from common.internal_auth import InternalTokenInterceptor
+from common.log_throttle import Throttle
 
 
 class Clock:

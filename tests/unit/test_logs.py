@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from worker.logs import configure_logging
+from common.logs import configure_logging
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ SECRET = "Zq7secretPromptXw9"
 NOISY_PROCESS = r'''
 import asyncio, gc, logging, sys, threading, warnings
 import grpc
-from worker.logs import configure_logging
+from common.logs import configure_logging
 
 SECRET = sys.argv[1]
 own = logging.getLogger("own.lib")  # a library that prints by itself, as transformers does once imported

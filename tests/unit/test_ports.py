@@ -1,4 +1,4 @@
-"""worker.ports: ports for processes started later come from below the kernel's ephemeral range."""
+"""common.ports: ports for processes started later come from below the kernel's ephemeral range."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.logs import configure_logging
+from common.logs import configure_logging
 from worker.supervisor.supervisor import Supervisor, SupervisorConfig, WorkerCommand
 
 

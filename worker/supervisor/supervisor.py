@@ -12,8 +12,8 @@ from pathlib import Path
 
 import structlog
 
+from common.ports import free_port, write_port_file
 from worker.config import build_parser as build_worker_parser
-from worker.ports import free_port, write_port_file
 from worker.supervisor.causes import CRASH, HUNG, Failure, classify_exit
 from worker.supervisor.group import RankGroup, become_subreaper
 from worker.supervisor.metrics import SupervisorMetrics

@@ -15,10 +15,10 @@ import sys
 import structlog
 import torch
 
+from common.logs import configure_logging
 from worker.app import plan_kv_cache, resolve_device, resolve_dtype
 from worker.faults import OOM_EXIT_CODE, FaultPlan
 from worker.heartbeat import Heartbeat
-from worker.logs import configure_logging
 from worker.model.llama import head_dim_of
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner

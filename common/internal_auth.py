@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import structlog
 
-from worker.log_throttle import Throttle
+from common.log_throttle import Throttle
 
-log = structlog.get_logger("worker.internal_auth")
+log = structlog.get_logger("common.internal_auth")
 
 INTERNAL_TOKEN_ENV = "LLAMAGRID_INTERNAL_TOKEN"
 TOKEN_METADATA = "x-llamagrid-internal-token"

@@ -19,7 +19,7 @@ import warnings
 
 import structlog
 
-_log = structlog.get_logger("worker.logs")
+_log = structlog.get_logger("common.logs")
 
 # where a library's message starts quoting values (reprs, formatted arguments, key: value lists); square brackets
 # stay: grpc puts type names and method paths in them, and a list of strings is cut at its first quote

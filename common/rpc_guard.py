@@ -23,7 +23,7 @@ import inspect
 
 import grpc
 
-from worker.errors import InvalidRequest
+from common.errors import InvalidRequest
 
 _CALL: contextvars.ContextVar[_StreamCall | None] = contextvars.ContextVar("llamagrid_rpc_guard_call", default=None)
 

@@ -10,7 +10,7 @@ import time
 import grpc
 import structlog
 
-log = structlog.get_logger("worker.errors")
+log = structlog.get_logger("common.errors")
 
 
 class ServiceError(Exception):
