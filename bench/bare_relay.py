@@ -42,7 +42,7 @@ class BareRelay(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare relay takes exactly one input")
         self.calls += 1
         job = wpb.Job(request_id=f"relay-{self.calls}/0", model=request.model, parameters=request.parameters,
-                      text=request.inputs[0], last_delta_in_finished=True)
+                      text=request.inputs[0])
         async for event in self.worker.Run(job, timeout=context.time_remaining()):
             if event.HasField("delta"):
                 yield pb.GenerateChunk(text=event.delta.text, token_ids=event.delta.token_ids)

@@ -36,10 +36,11 @@ async def _one(stub, i: int, req: BenchRequest, t0: float) -> dict:
     call = stub.Generate(iter([wpb.WorkerRequest(job=job)]))
     times, ids = [], []
     async for ev in call:
-        if ev.HasField("delta") and ev.delta.token_ids:
+        delta = ev.delta if ev.HasField("delta") else ev.finished.last_delta
+        if delta.token_ids:
             now = time.perf_counter()
-            times.extend([now] * len(ev.delta.token_ids))
-            ids.extend(ev.delta.token_ids)
+            times.extend([now] * len(delta.token_ids))
+            ids.extend(delta.token_ids)
     return {"ids": ids, "ttft": times[0] - t0, "end": times[-1],
             "tpot": (times[-1] - times[0]) / max(1, len(times) - 1)}
 

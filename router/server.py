@@ -198,7 +198,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.tiers = tiers
         self.metrics: RouterMetrics | None = None  # set by build_router when metrics are served
         self._settling: set[asyncio.Task] = set()
-        self._no_run: set[str] = set()  # workers that answered Worker.Run with UNIMPLEMENTED (an older version)
         self._headroom = Headroom()  # rate-limit room per key, as last seen here (dispatch ahead: router.ahead)
         self.slots = KeySlots()  # per-key calls and Chat sessions open here; build_router shares caps among routers
 
@@ -470,8 +469,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 record.worker = target
             stub, lease = self.pool.stub(target), self.pool.acquire(target, pending - len(streamed))
             metadata = (("x-request-id", job.request_id), *self.pool.metadata)
-            used_run = requests is None and target not in self._no_run
-            if used_run:  # nothing will follow the job: the one-message call starts in one round trip
+            if requests is None:  # nothing will follow the job: the one-message call starts in one round trip
                 call = stub.Run(current, timeout=context.time_remaining(), metadata=metadata)
             else:
                 call = stub.Generate(_outbound(current, requests), timeout=context.time_remaining(),
@@ -486,7 +484,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     delta = event.delta if event.HasField("delta") else None
                     if delta is None and event.HasField("finished"):
                         finished = True
-                        if event.finished.HasField("last_delta"):  # (jobs with last_delta_in_finished)
+                        if event.finished.HasField("last_delta"):
                             delta = event.finished.last_delta
                     if delta is not None:
                         if not streamed:
@@ -504,11 +502,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code is grpc.StatusCode.UNIMPLEMENTED and used_run and not started:
-                    # a worker from before Worker.Run: use Generate there
-                    self._no_run.add(target)
-                    log.info("worker_without_run", worker=target)
-                    continue
                 if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on, in public names
                     raise public_error(exc, renames) from exc
                 failures += 1
@@ -553,7 +546,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
         for i, text in enumerate(request.inputs):
             job = self._job(f"{record.request_id}/{i}", model, request.parameters, context, key)
             job.text = text
-            job.last_delta_in_finished = True  # its last tokens ride with the end: one message less to relay
             jobs.append(job)
         return jobs
 
@@ -750,7 +742,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     job = self._job(request_id, session.model, item.turn.parameters, context, key)
                     job.chat.messages.extend(item.turn.messages)
                     job.history_token_ids.extend(session.history)
-                    job.last_delta_in_finished = True  # the turn's last tokens ride with its end
                     outbound = asyncio.Queue()
                     # the session's key was verified when it opened: a turn may go ahead when its room allows
                     ahead = self._room_ahead(key, cost)
@@ -769,7 +760,6 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         raise
                     sent_metadata = True
                     session.num_turns += 1
-                    session.generated = []
                     log.debug("chat_turn_admitted", request_id=job.request_id, key_id=key.key_id,
                               reserved=cost, history=len(session.history), field=field_, dispatched_ahead=ahead)
                     if ahead:
@@ -778,18 +768,13 @@ class RouterServicer(pb_grpc.InferenceServicer):
                         turn = asyncio.create_task(pump(job, outbound, record))
                     await self._headers_out(record)  # the headers go out before any event of the session
                 elif item.HasField("delta"):
-                    session.generated.extend(item.delta.token_ids)
                     yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
                 else:
                     fin = item.finished
                     if fin.last_delta.token_ids or fin.last_delta.text:
-                        session.generated.extend(fin.last_delta.token_ids)
                         yield pb.ChatEvent(delta=pb.ChatDelta(text=fin.last_delta.text,
                                                               token_ids=fin.last_delta.token_ids))
-                    history = list(fin.prompt_token_ids) + session.generated
-                    if not session.generated or session.generated[-1] != EOS_TOKEN_ID:
-                        history.append(EOS_TOKEN_ID)
-                    session.history = history
+                    session.history = list(fin.history_token_ids)
                     await turn
                     outbound.put_nowait(None)  # half-close the finished turn's worker stream (ends its reader)
                     turn, outbound = None, None
@@ -899,7 +884,6 @@ def _renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
         return (("job.chat.", f"turns[{n}]."), ("job.chat", f"turns[{n}].messages"),
                 ("job.parameters", f"turns[{n}].parameters"), ("job.", f"turns[{n}]."))
     return (("job.text", f"inputs[{n}]"), ("job.parameters", "parameters"), ("job.", f"inputs[{n}]."))
-EOS_TOKEN_ID = 2  # Llama-2's </s>; worker/server.py appends it the same way to close a reply in the history
 
 
 @dataclass
@@ -909,7 +893,6 @@ class _ChatSession:
     address: str | None = None
     num_turns: int = 0
     history: list[int] = field(default_factory=list)
-    generated: list[int] = field(default_factory=list)
 
     def pin(self, address: str) -> None:
         if self.address is not None and address != self.address:

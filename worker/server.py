@@ -162,10 +162,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if item.text or item.token_ids:
                         yield pb.ChatEvent(delta=pb.ChatDelta(text=item.text, token_ids=item.token_ids))
                 else:
-                    history = item.prompt_token_ids + item.output_token_ids
-                    eos = svc.tokenizer.eos_token_ids
-                    if not item.output_token_ids or item.output_token_ids[-1] not in eos:
-                        history.append(min(eos))
+                    history = svc.closed_history(item)
                     await turn
                     turn, turn_id = None, None
                     yield pb.ChatEvent(end=pb.TurnEnd(finish_reason=int(item.finish_reason), usage=_usage(item)))
@@ -245,18 +242,18 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
 
         watcher = asyncio.create_task(watch_cancel())
         try:
-            async for event in self._events(job, first.job.last_delta_in_finished):
+            async for event in self._events(job):
                 yield event
         finally:
             watcher.cancel()
 
     @handle_stream_errors
     async def Run(self, request: wpb.Job, context) -> AsyncIterator[wpb.WorkerEvent]:
-        async for event in self._events(self._job(request, context), request.last_delta_in_finished):
+        async for event in self._events(self._job(request, context)):
             yield event
 
-    async def _events(self, job: Job, last_delta_in_finished: bool) -> AsyncIterator[wpb.WorkerEvent]:
-        async for event in self.service.stream(job, merge_final=last_delta_in_finished):
+    async def _events(self, job: Job) -> AsyncIterator[wpb.WorkerEvent]:
+        async for event in self.service.stream(job, merge_final=True):
             if isinstance(event, ErrorEvent):
                 raise event.error
             if isinstance(event, TokenEvent):
@@ -266,7 +263,7 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
                 final = event.final
                 yield wpb.WorkerEvent(finished=wpb.Finished(
                     finish_reason=int(event.finish_reason), usage=_usage(event),
-                    prompt_token_ids=event.prompt_token_ids,
+                    history_token_ids=self.service.closed_history(event) if job.is_chat_reply else (),
                     last_delta=wpb.TokenDelta(text=final.text, token_ids=final.token_ids) if final else None,
                 ))
 

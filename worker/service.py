@@ -107,6 +107,15 @@ class InferenceService:
             ids = self.tokenizer.encode_dialog(msgs)
         return ids
 
+    def closed_history(self, finished: FinishEvent) -> list[int]:
+        """A chat session's token ids after a finished turn: its prompt and reply, the reply closed by the
+        end-of-sequence token (added unless the reply ended with one), ready to prefix the next turn."""
+        history = finished.prompt_token_ids + finished.output_token_ids
+        eos = self.tokenizer.eos_token_ids
+        if not finished.output_token_ids or finished.output_token_ids[-1] not in eos:
+            history.append(min(eos))
+        return history
+
     def token_prompt(self, token_ids: Sequence[int], field: str) -> list[int]:
         vocab = self.tokenizer.decoder.vocab_size
         for i, t in enumerate(token_ids):

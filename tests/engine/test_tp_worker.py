@@ -52,7 +52,7 @@ def generate(address: str, prompts: list[list[int]], max_new_tokens: int = MAX_N
             job = wpb.Job(request_id=f"p{i}", token_ids=wpb.TokenIds(ids=prompts[i]), parameters=params)
             ids: list[int] = []
             for event in stub.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=300):
-                ids += event.delta.token_ids
+                ids += event.delta.token_ids if event.HasField("delta") else event.finished.last_delta.token_ids
             return ids
 
         with ThreadPoolExecutor(len(prompts)) as pool:

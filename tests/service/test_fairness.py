@@ -33,7 +33,7 @@ def worker_stub(tiny_model_dir, tmp_path_factory):
 
 
 def job(request_id: str, tenant: str, max_new_tokens: int) -> wpb.Job:
-    return wpb.Job(request_id=request_id, text="Once upon a time", tenant=tenant, last_delta_in_finished=True,
+    return wpb.Job(request_id=request_id, text="Once upon a time", tenant=tenant,
                    parameters=pb.SamplingParameters(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True))
 
 

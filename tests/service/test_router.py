@@ -147,7 +147,7 @@ def test_generate_stream_interleaves_indexed_chunks(stub, keys):
         assert finished[i].usage.completion_tokens == len(ids) > 0
         assert ids == list(unary.outputs[i].token_ids)
         assert "".join(c.text for c in chunks if c.index == i) == unary.outputs[i].text
-        assert finished[i].token_ids  # the last tokens ride with the end (Job.last_delta_in_finished)
+        assert finished[i].token_ids  # the last tokens ride with the end (Finished.last_delta)
 
 
 def test_chat_two_turns_on_one_session(stub, keys):

@@ -56,8 +56,7 @@ def test_generate_stream_matches_unary(inference):
 
 def test_an_inputs_last_tokens_ride_with_its_end(inference, internal):
     """Tokens produced in the step that ends a job come in the message that ends it (one message less): the
-    public stream's last chunk; Worker.Run's Finished.last_delta when the job asks for it (last_delta_in_finished),
-    else a TokenDelta of their own as before (older routers)."""
+    public stream's last chunk; Worker.Run's Finished.last_delta."""
     p = params(max_new_tokens=3, temperature=0.0, ignore_eos=True)
     chunks = list(inference.GenerateStream(pb.GenerateRequest(inputs=["The weather today"], parameters=p), timeout=60))
     # one token per step; steps a slow reader has not taken yet are merged into one chunk (so up to 3 chunks),
@@ -67,18 +66,14 @@ def test_an_inputs_last_tokens_ride_with_its_end(inference, internal):
     assert chunks[-1].usage.completion_tokens == 3
     expected = [t for c in chunks for t in c.token_ids]
     assert len(expected) == 3
-    for flag in (True, False):
-        job = wpb.Job(request_id=f"last-delta-{flag}", text="The weather today", parameters=p,
-                      last_delta_in_finished=flag)
-        events = list(internal.Run(job, timeout=60))
-        deltas = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
-        fin = events[-1].finished
-        assert fin.HasField("last_delta") == flag
-        assert deltas + list(fin.last_delta.token_ids) == expected
-        if flag:  # the end carries the last step's token; no message of its own for it
-            assert fin.last_delta.token_ids and len(events) <= 3
-        else:  # every token in a TokenDelta, the end apart
-            assert all(e.HasField("delta") for e in events[:-1]) and 2 <= len(events) <= 4
+    job = wpb.Job(request_id="last-delta", text="The weather today", parameters=p)
+    events = list(internal.Run(job, timeout=60))
+    deltas = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
+    fin = events[-1].finished
+    assert fin.HasField("last_delta")
+    assert deltas + list(fin.last_delta.token_ids) == expected
+    # the end carries the last step's token; no message of its own for it
+    assert fin.last_delta.token_ids and len(events) <= 3
 
 
 def test_seeded_sampling_reproducible(inference):
@@ -276,7 +271,11 @@ def test_prompt_over_context_names_both_counts(inference, internal):
 def _run_job(internal, job: wpb.Job) -> tuple[list[wpb.WorkerEvent], wpb.Finished]:
     events = list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=120))
     assert events[-1].HasField("finished")
-    return [e for e in events if e.HasField("delta")], events[-1].finished
+    fin = events[-1].finished
+    deltas = [e for e in events if e.HasField("delta")]
+    if fin.HasField("last_delta"):  # the tokens of the job's last step ride with its end
+        deltas.append(wpb.WorkerEvent(delta=fin.last_delta))
+    return deltas, fin
 
 
 @pytest.mark.parametrize("prompt", [dict(text="Once upon a time"),
@@ -300,7 +299,7 @@ def test_resumed_job_continues_the_stream_exactly(internal, prompt):
         assert fin.finish_reason == full.finish_reason
         assert fin.usage.completion_tokens == full.usage.completion_tokens
         assert fin.usage.prompt_tokens == full.usage.prompt_tokens
-        assert list(fin.prompt_token_ids) == list(full.prompt_token_ids)
+        assert list(fin.history_token_ids) == list(full.history_token_ids)
 
 
 def test_bad_resume_tokens_get_invalid_argument(internal):

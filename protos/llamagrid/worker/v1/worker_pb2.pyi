@@ -20,7 +20,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids", "resume_token_ids", "last_delta_in_finished", "tenant", "tenant_weight")
+    __slots__ = ("request_id", "text", "chat", "token_ids", "parameters", "deadline_unix_ms", "model", "history_token_ids", "resume_token_ids", "tenant", "tenant_weight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -30,7 +30,6 @@ class Job(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    LAST_DELTA_IN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -42,10 +41,9 @@ class Job(_message.Message):
     model: str
     history_token_ids: _containers.RepeatedScalarFieldContainer[int]
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    last_delta_in_finished: bool
     tenant: str
     tenant_weight: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., last_delta_in_finished: _Optional[bool] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., parameters: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., history_token_ids: _Optional[_Iterable[int]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
@@ -68,16 +66,16 @@ class TokenDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "usage", "prompt_token_ids", "last_delta")
+    __slots__ = ("finish_reason", "usage", "last_delta", "history_token_ids")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LAST_DELTA_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _inference_pb2.FinishReason
     usage: _inference_pb2.Usage
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     last_delta: TokenDelta
-    def __init__(self, finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_inference_pb2.Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., last_delta: _Optional[_Union[TokenDelta, _Mapping]] = ...) -> None: ...
+    history_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_inference_pb2.Usage, _Mapping]] = ..., last_delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., history_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerEvent(_message.Message):
     __slots__ = ("delta", "finished")

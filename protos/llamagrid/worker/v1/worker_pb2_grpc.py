@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """Served by every worker (beside llamagrid.v1.Inference and grpc.health.v1.Health).
+    """Served by every worker (beside grpc.health.v1.Health). Callers: the router only.
     """
 
     def __init__(self, channel):
@@ -64,7 +64,7 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Served by every worker (beside llamagrid.v1.Inference and grpc.health.v1.Health).
+    """Served by every worker (beside grpc.health.v1.Health). Callers: the router only.
     """
 
     def Generate(self, request_iterator, context):
@@ -141,7 +141,7 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Served by every worker (beside llamagrid.v1.Inference and grpc.health.v1.Health).
+    """Served by every worker (beside grpc.health.v1.Health). Callers: the router only.
     """
 
     @staticmethod
