@@ -8,7 +8,6 @@ import contextvars
 import math
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.connections import server_options
 from common.internal_auth import token_metadata
+from common.request_ids import client_request_id
 from common.rpc_guard import RequestGuard
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
@@ -81,13 +81,6 @@ JOB_DEADLINE_GRACE_S = 1.0
 # event. A worker's own bug (INTERNAL/UNKNOWN) is bounded by config.retry_attempts like any other failure.
 WORKER_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                                grpc.StatusCode.CANCELLED})
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value and len(value) <= 96:
-            return value
-    return uuid.uuid4().hex
 
 
 def _max_new(params: pb.SamplingParameters) -> int:
@@ -205,7 +198,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     def _begin(self, method: str, context) -> CallRecord:
         """The record of a call that starts now (also the call's current record, for rpc_observer)."""
-        record = CallRecord(method, _request_id(context))
+        record = CallRecord(method, client_request_id(context.invocation_metadata()))
         _CURRENT.set(record)
         return record
 

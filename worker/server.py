@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from common.errors import InvalidRequest, ServiceError, handle_errors, handle_stream_errors
+from common.request_ids import MAX_JOB_ID_CHARS
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
@@ -205,8 +206,8 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
     def _job(self, job: wpb.Job, context) -> Job:
         svc = self.service
         svc.check_model(job.model)
-        if not job.request_id or len(job.request_id) > 128:
-            raise InvalidRequest("job.request_id", "must be 1..128 characters")
+        if not job.request_id or len(job.request_id) > MAX_JOB_ID_CHARS:
+            raise InvalidRequest("job.request_id", f"must be 1..{MAX_JOB_ID_CHARS} characters")
         which = job.WhichOneof("prompt")
         if which == "text":
             prompt = svc.text_prompt(job.text, "job.text")
