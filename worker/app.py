@@ -174,6 +174,7 @@ class Worker:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             vocab_size=hf_config.vocab_size,
+            default_max_new_tokens=config.default_max_new_tokens,
         )
         log.info(
             "worker_loaded",

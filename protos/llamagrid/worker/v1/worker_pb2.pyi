@@ -90,7 +90,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "max_context", "tp_size", "kv_capacity_tokens", "block_size", "max_num_seqs", "dtype", "device", "vocab_size")
+    __slots__ = ("model", "max_context", "tp_size", "kv_capacity_tokens", "block_size", "max_num_seqs", "dtype", "device", "vocab_size", "default_max_new_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_context: int
     tp_size: int
@@ -109,7 +110,8 @@ class InfoResponse(_message.Message):
     dtype: str
     device: str
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., max_context: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    default_max_new_tokens: int
+    def __init__(self, model: _Optional[str] = ..., max_context: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()
