@@ -1,4 +1,4 @@
-"""GPU benchmark of issue 6: our engine against the memory-bandwidth floor and transformers, in one run (< 8 min).
+"""GPU benchmark: our engine against the memory-bandwidth floor and transformers, in one run (< 8 min).
 
 For each shape (random bf16 weights, seeded):
   llama2-7b            hidden 4096, 32 layers, 32 heads / 32 KV heads, intermediate 11008, vocab 32000 (13.5 GB)
@@ -21,7 +21,7 @@ the phases are, each timed, budgeted and in its own try/except (a failure is rec
               1, 8, 32, 128 (prompt 128), and eager at batch 1; floor per step = (weight bytes + KV bytes read) /
               measured bandwidth
   throughput  our Engine (the worker's engine thread) on the same 256 requests, all submitted at once
-Writes a JSON report (--out) and prints the acceptance checks of the issue as PASS/FAIL:
+Writes a JSON report (--out) and prints the acceptance checks as PASS/FAIL:
   batch-1 decode <= 1.25x floor (7B); throughput >= 3x transformers static-cache generate() at batch 32 (7B);
   logits match transformers (top-1 agreement >= 0.95, max |log-softmax diff| <= 0.5).
 `--dry-run`: tiny shapes, float32 on CPU, every phase at small sizes (exercises the code paths; < 1 min).
@@ -29,9 +29,9 @@ Writes a JSON report (--out) and prints the acceptance checks of the issue as PA
     python bench/gpu.py --out gpu.json                 # one H100/H200
     python bench/gpu.py --dry-run --out /tmp/dry.json  # CPU smoke run
 
-Status of the GPU features this measures (issue 6): bf16 weights and KV cache (--dtype auto on CUDA) and the KV pool
-sized from free GPU memory (worker.app.plan_kv_cache, --kv-memory-fraction) existed before; decode CUDA graphs per
-(batch bucket, context bucket) are in worker/cuda_graphs.py (--cuda-graphs), tested on CPU only. Decode attention
+Status of the GPU features this measures: bf16 weights and KV cache (--dtype auto on CUDA), the KV pool sized from
+free GPU memory (worker.kv_sizing.plan_kv_cache, --kv-memory-fraction) and decode CUDA graphs per (batch bucket,
+context bucket) in worker/cuda_graphs.py (--cuda-graphs), tested on CPU only. Decode attention
 still gathers each sequence's blocks into a padded buffer before SDPA (worker.model.attention): at batch 128 and
 ~600-token contexts that gather moves several times the weight bytes per step, so the >= 3x throughput target
 likely needs attention that reads the blocks in place (FlexAttention with a block mask, a Triton kernel, or a
@@ -59,6 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workload import percentile  # noqa: E402
+from worker.model.dims import ModelDims  # noqa: E402
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -110,15 +111,16 @@ def hf_config(shape: dict, dtype: torch.dtype):
 
 
 def weight_shapes(c) -> dict[str, tuple[int, ...]]:
-    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+    dims = ModelDims.from_config(c)
+    h, d, i = c.hidden_size, dims.head_dim, c.intermediate_size
     out = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,),
            "lm_head.weight": (c.vocab_size, h)}
     for n in range(c.num_hidden_layers):
         p = f"model.layers.{n}."
-        out.update({p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
-                    p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
-                    p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
-                    p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+        out.update({p + "self_attn.q_proj.weight": (dims.num_heads * d, h),
+                    p + "self_attn.k_proj.weight": (dims.num_kv_heads * d, h),
+                    p + "self_attn.v_proj.weight": (dims.num_kv_heads * d, h),
+                    p + "self_attn.o_proj.weight": (h, dims.num_heads * d),
                     p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
                     p + "mlp.down_proj.weight": (h, i),
                     p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
@@ -215,7 +217,6 @@ def phase_logits(ours, hf, c, cfg, device) -> dict:
     bs = 16
     longest = max(cfg["logit_prompts"])
     runner = ModelRunner(ours, num_blocks=(longest + bs - 1) // bs, block_size=bs,
-                         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, num_layers=c.num_hidden_layers,
                          dtype=next(ours.parameters()).dtype, device=device)
     rng = random.Random(1)
     agree, total, max_diff, diffs = 0, 0, 0.0, []
@@ -347,9 +348,9 @@ def phase_hf_throughput(hf, requests, cfg, device, budget: Budget, dry) -> dict:
 
 def _runner_stack(ours, c, cfg, device, dtype, tok_dir, *, num_seqs: int, max_tokens: int, graphs: bool,
                   fraction: float):
-    from worker.app import plan_kv_cache
     from worker.config import WorkerConfig
     from worker.kv_cache import BlockManager
+    from worker.kv_sizing import plan_kv_cache
     from worker.model_runner import ModelRunner
     from worker.scheduler import Scheduler, SchedulerConfig
 
@@ -357,7 +358,6 @@ def _runner_stack(ours, c, cfg, device, dtype, tok_dir, *, num_seqs: int, max_to
                       kv_memory_fraction=fraction)
     layout = plan_kv_cache(wc, c, dtype, device)
     runner = ModelRunner(ours, num_blocks=layout.num_blocks, block_size=layout.block_size,
-                         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, num_layers=c.num_hidden_layers,
                          dtype=dtype, device=device, cuda_graphs=graphs, max_num_seqs=num_seqs,
                          max_context=layout.max_context)
     scheduler = Scheduler(SchedulerConfig(num_seqs, max_tokens, layout.max_context),
@@ -369,7 +369,7 @@ def phase_decode(ours, c, cfg, device, dtype, tok_dir, bandwidth: float | None, 
     from worker.sequence import SamplingParams, Sequence
 
     weight_bytes = param_bytes(ours)
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+    kv_per_token = ModelDims.from_config(c).kv_bytes_per_token(dtype.itemsize)
     biggest = max(cfg["decode_batches"])
     runner, scheduler, layout = _runner_stack(ours, c, cfg, device, dtype, tok_dir, num_seqs=biggest,
                                               max_tokens=4096, graphs=device.type == "cuda", fraction=0.5)

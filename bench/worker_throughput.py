@@ -27,6 +27,7 @@ from protos.llamagrid.v1 import inference_pb2 as pb  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb  # noqa: E402
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc  # noqa: E402
 from worker.launch import start_worker  # noqa: E402
+from worker.model.dims import ModelDims  # noqa: E402
 
 
 async def _one(stub, i: int, req: BenchRequest, t0: float) -> dict:
@@ -220,9 +221,7 @@ def main() -> int:
 
 
 def _kv_bytes_per_token(model) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
+    return ModelDims.from_config(model.config).kv_bytes_per_token(4)  # float32 on the CPU
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -26,10 +24,12 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
+from worker.devices import resolve_device, resolve_dtype
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
 from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
 from worker.kv_cache import BlockManager
+from worker.kv_sizing import plan_kv_cache
 from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
@@ -47,59 +47,6 @@ SERVICE_NAMES = ("", "llamagrid.v1.Inference", "llamagrid.worker.v1.Worker")
 # Routers hold one long-lived connection per worker and multiplex every call on it: no idle or age limit, no cap on
 # streams. Keepalive ends the calls of a router that died without closing its connection.
 WORKER_CONNECTIONS = server_options(keepalive_time_s=60.0, keepalive_timeout_s=20.0, min_client_ping_interval_s=10.0)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass(frozen=True, slots=True)
-class CacheLayout:
-    """What warm-up decided: the KV pool size (values found at run time, kept out of the config)."""
-
-    num_blocks: int
-    block_size: int
-    bytes_per_token: int
-    max_context: int  # min(model's context, pool capacity)
-
-    def with_num_blocks(self, num_blocks: int) -> CacheLayout:
-        """The same layout shrunk to num_blocks (what every tensor-parallel rank can hold)."""
-        return replace(self, num_blocks=num_blocks, max_context=min(self.max_context, num_blocks * self.block_size))
-
-
-def plan_kv_cache(config: WorkerConfig, hf_config, dtype: torch.dtype, device: torch.device) -> CacheLayout:
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    num_kv_heads = (hf_config.num_key_value_heads or hf_config.num_attention_heads) // config.tp_size  # this rank's
-    bytes_per_token = 2 * hf_config.num_hidden_layers * num_kv_heads * head_dim * dtype.itemsize
-    model_context = int(hf_config.max_position_embeddings)
-    useful_tokens = config.max_num_seqs * model_context
-    if config.kv_cache_tokens is not None:
-        tokens = config.kv_cache_tokens
-    else:
-        budget = int(_available_memory_bytes(device) * config.kv_memory_fraction)
-        if device.type == "cpu":
-            budget //= config.tp_size  # the ranks share the host's memory
-        tokens = min(budget // bytes_per_token, useful_tokens)
-    num_blocks = tokens // config.block_size
-    if num_blocks < 1:
-        raise ValueError("the KV cache budget does not hold a single block; raise --kv-cache-tokens")
-    return CacheLayout(num_blocks, config.block_size, bytes_per_token,
-                       min(model_context, num_blocks * config.block_size))
 
 
 class Worker:
@@ -121,14 +68,10 @@ class Worker:
         self.layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
         if self.group:
             self.layout = self.layout.with_num_blocks(self.group.agree_num_blocks(self.layout.num_blocks))
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self.runner = ModelRunner(
             model,
             num_blocks=self.layout.num_blocks,
             block_size=self.layout.block_size,
-            num_kv_heads=(hf_config.num_key_value_heads or hf_config.num_attention_heads) // config.tp_size,
-            head_dim=head_dim,
-            num_layers=hf_config.num_hidden_layers,
             dtype=self.dtype,
             device=self.device,
             tp=tp,

@@ -14,6 +14,7 @@ import torch
 
 from worker.heartbeat import Heartbeat
 from worker.model.context import AttentionContext
+from worker.model.dims import ModelDims
 from worker.model.parallel import TPInfo
 from worker.sampler import sample
 from worker.scheduler import ScheduledBatch
@@ -26,9 +27,8 @@ IDLE_PLAN_INTERVAL_S = 0.25  # rank 0 sends an IDLE plan when it has sent nothin
 class ModelRunner:
     """Owns the model shard and its KV cache shard; run() is called only from the engine thread."""
 
-    def __init__(self, model, *, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 num_layers: int, dtype: torch.dtype, device: torch.device, tp: TPInfo | None = None,
-                 plans: PlanChannel | None = None,
+    def __init__(self, model, *, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 tp: TPInfo | None = None, plans: PlanChannel | None = None,
                  on_group_failure: Callable[[str, BaseException], None] | None = None,
                  heartbeat: Heartbeat | None = None, cuda_graphs: bool = False, max_num_seqs: int = 256,
                  max_context: int = 4096):
@@ -40,10 +40,11 @@ class ModelRunner:
         self.plans = plans if self.tp.size > 1 else None  # None: a single rank, no broadcasts at all
         self.on_group_failure = on_group_failure
         self.heartbeat = heartbeat
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)  # num_kv_heads: this rank's share
+        dims = ModelDims.from_config(model.config, self.tp.size)
+        shape = dims.kv_cache_shape(num_blocks, block_size)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
+            for _ in range(dims.num_layers)
         ]
         self._lock = threading.Lock()  # one plan and its collectives at a time (engine thread vs ticker)
         self._last_plan_at = time.monotonic()

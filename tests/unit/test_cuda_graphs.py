@@ -30,10 +30,8 @@ def test_needs_cuda_to_capture(tiny_gqa_model_dir):
 
 def test_cpu_runner_never_builds_graphs(tiny_gqa_model_dir):
     model = load_model(tiny_gqa_model_dir)
-    c = model.config
-    runner = ModelRunner(model, num_blocks=8, block_size=4, num_kv_heads=c.num_key_value_heads,
-                         head_dim=c.hidden_size // c.num_attention_heads, num_layers=c.num_hidden_layers,
-                         dtype=torch.float32, device=torch.device("cpu"), cuda_graphs=True)
+    runner = ModelRunner(model, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"),
+                         cuda_graphs=True)
     assert runner.graphs is None
 
 
@@ -43,9 +41,8 @@ def test_static_decode_matches_eager_runner(tiny_gqa_model_dir, num_seqs):
     model = load_model(tiny_gqa_model_dir)
     c = model.config
     bs, num_blocks = 4, 256
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=bs, num_kv_heads=c.num_key_value_heads,
-                         head_dim=c.hidden_size // c.num_attention_heads, num_layers=c.num_hidden_layers,
-                         dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=bs, dtype=torch.float32,
+                         device=torch.device("cpu"))
     graphs = DecodeGraphs(model, runner.kv_caches, block_size=bs, device=torch.device("cpu"), max_num_seqs=8,
                           max_context=num_blocks * bs, capture=False)
     scheduler = Scheduler(SchedulerConfig(8, 256, num_blocks * bs), BlockManager(num_blocks, bs, False))

@@ -49,7 +49,7 @@ def test_read_heartbeats_skips_other_and_broken_files(tmp_path):
 
 def _config(heads=32, kv_heads=8, vocab=32000, inter=11008):
     return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                           intermediate_size=inter)
+                           intermediate_size=inter, hidden_size=4096, num_hidden_layers=32)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

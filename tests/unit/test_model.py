@@ -11,8 +11,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from worker.model.attention import kv_cache_bytes_per_token, plan_attention
+from worker.model.attention import plan_attention
 from worker.model.context import AttentionContext
+from worker.model.dims import ModelDims
 from worker.model.llama import LlamaForCausalLM
 from worker.model.loader import load_hf_config, load_model
 from worker.model.parallel import TPInfo
@@ -50,9 +51,9 @@ def make_checkpoint(path: Path, seed: int = 0, **overrides) -> tuple[Path, trans
 
 
 def make_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list:
-    c = model.config
-    shape = (num_blocks, block_size, c.num_key_value_heads, c.hidden_size // c.num_attention_heads)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
+    dims = ModelDims.from_config(model.config)
+    shape = dims.kv_cache_shape(num_blocks, block_size)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(dims.num_layers)]
 
 
 def run_step(model, caches, chunks: list[tuple[list[int], int, list[int]]], block_size: int) -> torch.Tensor:
@@ -193,8 +194,16 @@ def test_refuses_what_it_cannot_match():
 
 def test_kv_cache_bytes_per_token():
     config = transformers.LlamaConfig(**BASE)
-    assert kv_cache_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
-    assert kv_cache_bytes_per_token(config, torch.bfloat16, tp_size=2) == 2 * 2 * 1 * 16 * 2
+    assert ModelDims.from_config(config).kv_bytes_per_token(torch.float32.itemsize) == 2 * 2 * 2 * 16 * 4
+    assert ModelDims.from_config(config, tp_size=2).kv_bytes_per_token(torch.bfloat16.itemsize) == 2 * 2 * 1 * 16 * 2
+
+
+def test_model_dims_per_rank():
+    dims = ModelDims.from_config(transformers.LlamaConfig(**BASE), tp_size=2)
+    assert (dims.head_dim, dims.num_local_heads, dims.num_local_kv_heads) == (16, 2, 1)
+    assert dims.kv_cache_shape(4, 16) == (4, 16, 1, 16)
+    with pytest.raises(ValueError, match="key/value heads"):
+        ModelDims.from_config(transformers.LlamaConfig(**BASE), tp_size=4)
 
 
 def test_config_json_is_what_we_read(tmp_path):
@@ -210,9 +219,9 @@ def _tp_rank(rank: int, size: int, init_file: str, model_dir: str, tokens: list[
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         model = load_model(model_dir, tp=TPInfo(rank, size))
-        c = model.config
-        shape = (4, 16, c.num_key_value_heads // size, c.hidden_size // c.num_attention_heads)
-        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        dims = ModelDims.from_config(model.config, size)
+        caches = [(torch.zeros(dims.kv_cache_shape(4, 16)), torch.zeros(dims.kv_cache_shape(4, 16)))
+                  for _ in range(dims.num_layers)]
         prefill = run_step(model, caches, [(tokens[:-1], 0, [2, 0, 3])], 16)
         decode = run_step(model, caches, [(tokens[-1:], len(tokens) - 1, [2, 0, 3])], 16)
         if rank == 0:

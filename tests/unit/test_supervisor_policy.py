@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from worker.heartbeat import read_heartbeats
 from worker.supervisor.__main__ import split_argv
 from worker.supervisor.causes import Failure, classify_exit
-from worker.supervisor.group import is_alive, read_heartbeats
+from worker.supervisor.group import is_alive
 from worker.supervisor.policy import Backoff, CrashLoop
 from worker.supervisor.supervisor import SupervisorConfig, WorkerCommand
 
@@ -76,6 +77,7 @@ def test_worker_command_fixes_the_port_once(tmp_path):
     cmd = WorkerCommand.from_args(["--model", "m", "--port", "0", "--port-file", str(tmp_path / "p")])
     assert cmd.port > 0 and cmd.num_ranks == 1 and cmd.port_file == tmp_path / "p"
     argv = cmd.argv(tmp_path / "start-1")
+    assert argv[-2:] == ["--run-dir", str(tmp_path / "start-1")]
 
     def last(flag: str) -> str:  # argparse: the last occurrence wins
         return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
@@ -95,9 +97,9 @@ def test_config_is_validated():
 def test_stale_ranks_counts_a_missing_file_from_serving(tmp_path):
     from unittest.mock import Mock
 
-    from worker.supervisor.group import RankGroup
+    from worker.supervisor.group import SupervisedGroup
 
-    group = RankGroup(Mock(pid=os.getpid()), tmp_path, num_ranks=2, has_heartbeats=True)
+    group = SupervisedGroup(Mock(pid=os.getpid()), tmp_path, num_ranks=2)
     (tmp_path / "rank0.heartbeat").write_text(str(os.getpid()))
     now = time.time()
     assert group.stale_ranks(5.0, since=now) == {}

@@ -168,9 +168,3 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out[p.start : p.end] = o_p[0].transpose(0, 1)
     return out
 
-
-def kv_cache_bytes_per_token(config, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """Bytes of K and V cache one token takes on one rank, over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = config.num_key_value_heads // tp_size
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

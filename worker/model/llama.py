@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from worker.model.attention import AttentionPlan, paged_attention, plan_attention
 from worker.model.context import AttentionContext
+from worker.model.dims import ModelDims
 from worker.model.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -27,10 +28,6 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # rope types whose frequencies depend on the batch's longest sequence (transformers recomputes them per call)
 _UNSUPPORTED_ROPE = {"dynamic": "dynamic NTK scaling", "longrope": "longrope"}
-
-
-def head_dim_of(config: LlamaConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +64,7 @@ class RotaryEmbedding(nn.Module):
             ROPE_INIT_FUNCTIONS[rope_type]
         with torch.device("cpu"):  # even while the model is built on the meta device: computed, never loaded
             inv_freq, scaling = init(config)
-        if 2 * inv_freq.numel() != head_dim_of(config):
+        if 2 * inv_freq.numel() != ModelDims.from_config(config).head_dim:
             raise ValueError("partial rotary embeddings are not supported by Llama")
         self.inv_freq = inv_freq.float()  # [D/2]; a plain attribute, moved to the positions' device when used
         self.scaling = scaling
@@ -89,13 +86,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, tp: TPInfo):
         super().__init__()
-        self.head_dim = head_dim_of(config)
+        dims = ModelDims.from_config(config, tp.size)
+        self.head_dim, self.num_heads, self.num_kv_heads = dims.head_dim, dims.num_local_heads, dims.num_local_kv_heads
         bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=bias, tp=tp)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=bias, tp=tp)
+        self.qkv_proj = QKVParallelLinear(dims, bias=bias, tp=tp)
+        self.o_proj = RowParallelLinear(dims.num_heads * dims.head_dim, config.hidden_size, bias=bias, tp=tp)
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.model.dims import ModelDims, divide
+
 
 @dataclass(frozen=True, slots=True)
 class TPInfo:
@@ -21,12 +23,6 @@ class TPInfo:
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"tensor-parallel rank {self.rank} is outside a group of size {self.size}")
-
-
-def divide(total: int, tp_size: int, what: str) -> int:
-    if total % tp_size:
-        raise ValueError(f"{what} ({total}) does not divide evenly over tensor-parallel size {tp_size}")
-    return total // tp_size
 
 
 def _shape(loaded) -> tuple[int, ...]:
@@ -117,16 +113,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused; each rank holds num_heads / tp query and num_kv_heads / tp kv heads."""
+    """q, k and v projections fused; each rank holds its dims.num_local_heads query and num_local_kv_heads kv heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 tp: TPInfo | None = None):
+    def __init__(self, dims: ModelDims, bias: bool = False, tp: TPInfo | None = None):
         tp = tp or TPInfo()
-        self.head_dim = head_dim
-        self.num_heads = divide(num_heads, tp.size, "attention heads")
-        self.num_kv_heads = divide(num_kv_heads, tp.size, "key/value heads")
-        out = (num_heads + 2 * num_kv_heads) * head_dim
-        super().__init__(hidden_size, out, bias, tp)
+        assert dims.tp_size == tp.size, f"dims for {dims.tp_size} ranks, group of {tp.size}"
+        self.head_dim = dims.head_dim
+        self.num_heads = dims.num_local_heads
+        self.num_kv_heads = dims.num_local_kv_heads
+        out = (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
+        super().__init__(dims.hidden_size, out, bias, tp)
         _set_shard_ids(self, ("q", "k", "v"))
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: str | None = None) -> None:

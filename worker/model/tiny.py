@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig
 
+from worker.model.dims import ModelDims
+
 # The template Meta ships in Llama-2-*-chat-hf's tokenizer_config.json (the "\\n" are Jinja string escapes).
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -139,8 +141,8 @@ def random_weights(config: LlamaConfig, seed: int, num_real_tokens: int) -> dict
     so that a norm weight the engine forgets to load shows up as a mismatch."""
     g = torch.Generator().manual_seed(seed)
     h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    hd = config.head_dim
-    nq, nkv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    dims = ModelDims.from_config(config)
+    nq, nkv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
 
     def normal(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std

@@ -5,22 +5,13 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
+from worker.faults import OOM_EXIT_CODE
+
 OOM = "oom"  # the engine's dedicated exit code after repeated torch.OutOfMemoryError
 CRASH = "crash"  # any other non-zero status, a fatal signal, or a rank that died under rank 0
 KILLED = "killed"  # SIGKILL (kill -9, the kernel's OOM killer)
 HUNG = "hung"  # a heartbeat went stale, or the group did not serve within the start-up grace
 EXIT = "exit"  # status 0 although nobody asked the group to stop
-
-DEFAULT_OOM_EXIT_CODE = 86
-
-
-def oom_exit_code() -> int:
-    """worker.faults.OOM_EXIT_CODE, or its agreed value while that module does not exist."""
-    try:
-        from worker.faults import OOM_EXIT_CODE
-    except ImportError:
-        return DEFAULT_OOM_EXIT_CODE
-    return int(OOM_EXIT_CODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +35,6 @@ def classify_exit(returncode: int, rank: int = 0) -> Failure:
         return Failure(KILLED if sig == signal.SIGKILL else CRASH, rank, signal=sig.name)
     if returncode == 0:
         return Failure(EXIT, rank, exit_code=0)
-    if returncode == oom_exit_code():
+    if returncode == OOM_EXIT_CODE:
         return Failure(OOM, rank, exit_code=returncode)
     return Failure(CRASH, rank, exit_code=returncode)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.faults import START_ENV
+from worker.heartbeat import read_heartbeats
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-HEARTBEAT_SUFFIX = ".heartbeat"
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -39,20 +39,6 @@ def _die_with(parent_pid: int):
     return preexec
 
 
-def read_heartbeats(run_dir: Path) -> dict[int, tuple[int, float]]:
-    """rank -> (pid, mtime) from run_dir/rank{r}.heartbeat (the file holds the PID; each touch bumps mtime)."""
-    beats: dict[int, tuple[int, float]] = {}
-    for path in run_dir.glob(f"rank*{HEARTBEAT_SUFFIX}"):
-        try:
-            rank = int(path.name.removeprefix("rank").removesuffix(HEARTBEAT_SUFFIX))
-            pid = int(path.read_text().strip())
-            mtime = path.stat().st_mtime
-        except (ValueError, OSError):  # being written, or not ours
-            continue
-        beats[rank] = (pid, mtime)
-    return beats
-
-
 def is_alive(pid: int, pgid: int) -> bool:
     """Running (not a zombie) and still in our process group (so a reused PID does not count)."""
     try:
@@ -69,21 +55,23 @@ def is_alive(pid: int, pgid: int) -> bool:
 
 
 @dataclass
-class RankGroup:
+class SupervisedGroup:
+    """A replica's rank group as its supervisor sees it: rank 0's process (leading the process group every rank
+    belongs to) and the heartbeat files of every rank in run_dir."""
+
     proc: subprocess.Popen
     run_dir: Path
     num_ranks: int
-    has_heartbeats: bool
     started_at: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def start(cls, cmd: list[str], run_dir: Path, num_ranks: int, has_heartbeats: bool, attempt: int = 1) -> RankGroup:
+    def start(cls, cmd: list[str], run_dir: Path, num_ranks: int, attempt: int = 1) -> SupervisedGroup:
         """Start rank 0 of the group (it starts the others) in its own session; `attempt` (1, 2, ...) is passed as
         LLAMAGRID_GROUP_START so a test fault can be armed for one start only (worker.faults)."""
         run_dir.mkdir(parents=True, exist_ok=False)
         env = {**os.environ, START_ENV: str(attempt)}
         proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with(os.getpid()), env=env)
-        return cls(proc, run_dir, num_ranks, has_heartbeats)
+        return cls(proc, run_dir, num_ranks)
 
     @property
     def pgid(self) -> int:
@@ -97,7 +85,7 @@ class RankGroup:
         return self.port_file.exists()
 
     def heartbeats(self) -> dict[int, tuple[int, float]]:
-        return read_heartbeats(self.run_dir) if self.has_heartbeats else {}
+        return read_heartbeats(self.run_dir)
 
     def pids(self) -> dict[int, int]:
         """rank -> pid, for the ranks known so far (rank 0 always)."""

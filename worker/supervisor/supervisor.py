@@ -12,10 +12,11 @@ from pathlib import Path
 
 import structlog
 
+from common.metrics import serve_metrics, stop_metrics
 from common.ports import free_port, write_port_file
 from worker.config import build_parser as build_worker_parser
 from worker.supervisor.causes import CRASH, HUNG, Failure, classify_exit
-from worker.supervisor.group import RankGroup, become_subreaper
+from worker.supervisor.group import SupervisedGroup, become_subreaper
 from worker.supervisor.metrics import SupervisorMetrics
 from worker.supervisor.policy import Backoff, CrashLoop
 
@@ -53,11 +54,6 @@ class SupervisorConfig:
                 raise ValueError(f"{name} must be positive")
 
 
-def worker_accepts(option: str) -> bool:
-    _, unknown = build_worker_parser().parse_known_args(["--model", "m", option, "1"])  # "1" fits any type
-    return not unknown
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerCommand:
     """`python -m worker <args>` with the fixed port, and per start a port file and run dir."""
@@ -66,18 +62,16 @@ class WorkerCommand:
     port: int
     num_ranks: int
     port_file: Path | None  # from the worker args
-    has_heartbeats: bool
 
     @classmethod
     def from_args(cls, args: list[str]) -> WorkerCommand:
         ns = build_worker_parser().parse_args(args)  # bad worker flags fail here, not in a crash loop
         port = ns.port or free_port(ns.host)
-        return cls(tuple(args), port, getattr(ns, "tp", 1) or 1, ns.port_file, worker_accepts("--run-dir"))
+        return cls(tuple(args), port, ns.tp, ns.port_file)
 
     def argv(self, run_dir: Path) -> list[str]:
-        extra = ["--run-dir", str(run_dir)] if self.has_heartbeats else []
         return [sys.executable, "-m", "worker", *self.args, "--port", str(self.port),
-                "--port-file", str(run_dir / "port"), *extra]
+                "--port-file", str(run_dir / "port"), "--run-dir", str(run_dir)]
 
 
 class Supervisor:
@@ -90,7 +84,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.is_forced = False  # a second signal: skip the drain
         self.num_starts = 0
-        self.group: RankGroup | None = None
+        self.group: SupervisedGroup | None = None
         self.metrics = SupervisorMetrics()
 
     def run(self) -> int:
@@ -100,14 +94,12 @@ class Supervisor:
         run_root = Path(tempfile.mkdtemp(prefix="llamagrid-supervisor-"))
         metrics_http = None
         if self.config.metrics_port is not None:
-            from worker.metrics import serve_metrics
             metrics_http = serve_metrics(self.metrics.registry, self.config.metrics_host, self.config.metrics_port)
             log.info("metrics_serving", port=metrics_http.server_port)
         try:
             return self._loop(run_root)
         finally:
             if metrics_http is not None:
-                from worker.metrics import stop_metrics
                 stop_metrics(metrics_http)
             if self.group is not None:  # only on an unexpected exception: never leave the group behind
                 self.group.signal_group(signal.SIGKILL)
@@ -127,10 +119,10 @@ class Supervisor:
             self.num_starts += 1
             self.metrics.starts.inc()
             run_dir = run_root / f"start-{self.num_starts}"
-            self.group = RankGroup.start(self.command.argv(run_dir), run_dir, self.command.num_ranks,
-                                         self.command.has_heartbeats, attempt=self.num_starts)
+            self.group = SupervisedGroup.start(self.command.argv(run_dir), run_dir, self.command.num_ranks,
+                                               attempt=self.num_starts)
             log.info("group_started", attempt=self.num_starts, pids=[self.group.proc.pid], port=self.command.port,
-                     num_ranks=self.command.num_ranks, heartbeats=self.command.has_heartbeats)
+                     num_ranks=self.command.num_ranks)
             failure, serving_s = self._watch(self.group)
             if failure is None:
                 self._stop(self.group)
@@ -158,7 +150,7 @@ class Supervisor:
                  group_running=False)
         return 0
 
-    def _watch(self, group: RankGroup) -> tuple[Failure | None, float | None]:
+    def _watch(self, group: SupervisedGroup) -> tuple[Failure | None, float | None]:
         """Until the group fails (its Failure and how long it served) or a stop is asked for (None)."""
         config = self.config
         serving_since: float | None = None  # monotonic
@@ -177,7 +169,7 @@ class Supervisor:
                     self._on_serving(group)
                 elif time.monotonic() - group.started_at > config.startup_grace_s:
                     return Failure(HUNG, 0), None
-            elif group.has_heartbeats:
+            else:
                 stale = group.stale_ranks(config.heartbeat_timeout_s, since=serving_wall)
                 if stale:
                     rank = min(stale)
@@ -185,14 +177,14 @@ class Supervisor:
             time.sleep(config.poll_interval_s)
         return None, None
 
-    def _on_serving(self, group: RankGroup) -> None:
+    def _on_serving(self, group: SupervisedGroup) -> None:
         self.metrics.serving.set(1)
         log.info("group_serving", attempt=self.num_starts, startup_s=round(time.monotonic() - group.started_at, 2),
                  port=self.command.port, pids=sorted(group.pids().values()))
         if self.port_file is not None and not self.port_file.exists():
             write_port_file(self.port_file, self.command.port)
 
-    def _tear_down(self, group: RankGroup, failure: Failure) -> None:
+    def _tear_down(self, group: SupervisedGroup, failure: Failure) -> None:
         """Stop every rank of a failed group and reap them; a hung or killed group gets no grace."""
         group.signal_group(signal.SIGKILL if failure.needs_sigkill else signal.SIGTERM)
         if not group.wait_empty(self.config.kill_timeout_s):
@@ -200,7 +192,7 @@ class Supervisor:
             if not group.wait_empty(60.0):  # e.g. stuck in the GPU driver; starting anyway is all we can do
                 log.error("group_not_empty", attempt=self.num_starts, pgid=group.pgid)
 
-    def _stop(self, group: RankGroup) -> None:
+    def _stop(self, group: SupervisedGroup) -> None:
         """Asked to stop: rank 0 drains on SIGTERM; SIGKILL after the stop timeout or a second signal."""
         log.info("supervisor_stopping", signal=signal.Signals(self.stop_signal).name, attempt=self.num_starts)
         group.signal_leader(signal.SIGTERM)

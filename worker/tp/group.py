@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from worker.config import ConfigRefused
 from worker.faults import OOM_EXIT_CODE
+from worker.model.dims import ModelDims
 from worker.model.parallel import TPInfo
 from worker.tp.plan import PlanChannel
 
@@ -34,9 +35,10 @@ def check_tp_config(hf_config, tp_size: int, device: torch.device) -> None:
     """Refuse, before anything starts, a tensor-parallel size the model or the machine cannot take."""
     if tp_size == 1:
         return
+    whole = ModelDims.from_config(hf_config)
     dims = {
-        "attention heads": hf_config.num_attention_heads,
-        "key/value heads": hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        "attention heads": whole.num_heads,
+        "key/value heads": whole.num_kv_heads,
         "vocabulary size": hf_config.vocab_size,
         "intermediate size": hf_config.intermediate_size,
     }

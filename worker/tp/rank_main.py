@@ -16,14 +16,15 @@ import structlog
 import torch
 
 from common.logs import configure_logging
-from worker.app import plan_kv_cache, resolve_device, resolve_dtype
+from worker.config import WorkerConfig
+from worker.devices import resolve_device, resolve_dtype
 from worker.faults import OOM_EXIT_CODE, FaultPlan
 from worker.heartbeat import Heartbeat
-from worker.model.llama import head_dim_of
+from worker.kv_sizing import plan_kv_cache
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
 from worker.tp.group import RANK_LOST_EXIT_CODE, agree_num_blocks, die_with_parent, join_group, rank_device
-from worker.tp.plan import PlanKind
+from worker.tp.plan import PlanChannel, PlanKind
 
 log = structlog.get_logger("worker.tp.rank")
 
@@ -38,32 +39,37 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 alone decides: a STOP plan, or its death
         signal.signal(sig, signal.SIG_IGN)
-    config = pickle.loads(sys.stdin.buffer.read())
+    config: WorkerConfig = pickle.loads(sys.stdin.buffer.read())
     configure_logging(config.log_level, component="worker", tp_rank=args.rank)
     heartbeat = Heartbeat(config.run_dir, args.rank) if config.run_dir else None
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    runner, plans = _join_and_load(config, args.rank, args.world_size, args.store)
+    code = _follow_plans(plans, runner, heartbeat, FaultPlan.parse(config.inject_fault), args.rank, args.parent_pid)
+    if code == 0:
+        torch.distributed.destroy_process_group()
+        log.info("tp_rank_stopped")
+    return code
 
-    device = rank_device(resolve_device(config.device), args.rank)
+
+def _join_and_load(config: WorkerConfig, rank: int, world_size: int, store: str) -> tuple[ModelRunner, PlanChannel]:
+    """Join rank 0's group, load this rank's shard and allocate its KV shard (the pool size every rank agrees on)."""
+    device = rank_device(resolve_device(config.device), rank)
     dtype = resolve_dtype(config.dtype, device)
-    tp, plans = join_group(args.rank, args.world_size, args.store, device)
+    tp, plans = join_group(rank, world_size, store, device)
     hf_config = load_hf_config(config.model_dir)
     model = load_model(config.model_dir, dtype=dtype, device=device, tp=tp)
     layout = plan_kv_cache(config, hf_config, dtype, device)
     num_blocks = agree_num_blocks(layout.num_blocks, device)
-    runner = ModelRunner(
-        model,
-        num_blocks=num_blocks,
-        block_size=layout.block_size,
-        num_kv_heads=(hf_config.num_key_value_heads or hf_config.num_attention_heads) // tp.size,
-        head_dim=head_dim_of(hf_config),
-        num_layers=hf_config.num_hidden_layers,
-        dtype=dtype,
-        device=device,
-        tp=tp,
-    )
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=layout.block_size, dtype=dtype, device=device,
+                         tp=tp)
     log.info("tp_rank_ready", kv_blocks=num_blocks, kv_pool_bytes=runner.kv_cache_bytes, device=str(device))
-    faults = FaultPlan.parse(config.inject_fault)
+    return runner, plans
+
+
+def _follow_plans(plans: PlanChannel, runner: ModelRunner, heartbeat: Heartbeat | None, faults: FaultPlan,
+                  rank: int, parent_pid: int) -> int:
+    """Run rank 0's plans until a STOP plan (0) or until the group breaks (the exit code to end with)."""
     num_steps = 0
     try:
         while True:
@@ -71,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             if heartbeat is not None:
                 heartbeat.beat()
             if kind == PlanKind.STOP:
-                break
+                return 0
             if kind == PlanKind.STEP:
-                faults.check(num_steps, rank=args.rank)
+                faults.check(num_steps, rank=rank)
                 num_steps += 1
                 runner.execute(plan)
-            elif os.getppid() != args.parent_pid:  # belt and braces beside PR_SET_PDEATHSIG
+            elif os.getppid() != parent_pid:  # belt and braces beside PR_SET_PDEATHSIG
                 log.error("tp_rank_orphaned")
                 return RANK_LOST_EXIT_CODE
     except torch.OutOfMemoryError:  # the group cannot shed load around one rank: restart it
@@ -85,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a broken group (rank 0 gone): exit non-zero, quietly
         log.error("tp_rank_failed", error=type(e).__name__)
         return RANK_LOST_EXIT_CODE
-    torch.distributed.destroy_process_group()
-    log.info("tp_rank_stopped")
-    return 0
 
 
 if __name__ == "__main__":
