@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
+
+import structlog
 
 from common.logs import configure_logging
 from common.ports import write_port_file
 from common.signals import until_terminated
 from router.config import RouterConfig, build_parser, config_from_args
 
+log = structlog.get_logger("router.main")
+
 
 async def serve(config: RouterConfig, port_file: Path | None = None) -> None:
     from router.server import build_router
 
-    server, port, cleanup = await build_router(config)
+    embedded = None
+    if config.redis_url is None:  # a router on its own (no --redis-url): a private redis-server beside it
+        from ratelimit.redis_server import RedisServer
+
+        embedded = RedisServer().start()
+        config = dataclasses.replace(config, redis_url=embedded.url)
+        log.info("embedded_redis_started")
     try:
-        if port_file is not None:
-            write_port_file(port_file, port)
-        await until_terminated()
+        server, port, cleanup = await build_router(config)
+        try:
+            if port_file is not None:
+                write_port_file(port_file, port)
+            await until_terminated()
+        finally:
+            await cleanup()  # drain: health NOT_SERVING, refuse new calls, in-flight ones get config.drain_grace_s
     finally:
-        await cleanup()  # drain: health NOT_SERVING, refuse new calls, in-flight ones get config.drain_grace_s
+        if embedded is not None:
+            embedded.close()
 
 
 def main(argv: list[str] | None = None) -> int:

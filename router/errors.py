@@ -29,11 +29,23 @@ class PermissionDenied(ServiceError):
     status = grpc.StatusCode.PERMISSION_DENIED
 
 
-class InvalidRequest(ServiceError):
-    status = grpc.StatusCode.INVALID_ARGUMENT
-
-
 class NoHealthyWorker(ServiceError):
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class WorkerLost(ServiceError):
+    """A job's workers failed more often than config.retry_attempts allows."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class TierMissing(ServiceError):
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SessionOver(ServiceError):
+    """A Chat session reached its maximum age or idle time; the client reopens it (UNAVAILABLE is retried)."""
+
     status = grpc.StatusCode.UNAVAILABLE
 
 

@@ -170,6 +170,13 @@ class WorkerPool:
         return max((w.info.max_context for w in self._workers.values()
                     if w.info is not None and w.info.model == model), default=0)
 
+    def default_max_new_tokens(self, model: str) -> int:
+        """The max_new_tokens that workers of `model` (any model when it is unknown here) apply to a job that sets
+        none, as their Info reported: what the router reserves for such a job. 0 when no worker is known."""
+        infos = [w.info for w in self._workers.values() if w.info is not None]
+        of_model = [i.default_max_new_tokens for i in infos if i.model == model]
+        return max(of_model or [i.default_max_new_tokens for i in infos], default=0)
+
     def default_model(self) -> str | None:
         """The model of the healthy pool if it serves exactly one, else the first by name; None when none healthy."""
         names = list(self.models())

@@ -26,7 +26,7 @@ from router.auth import Authenticator, FailureCounter
 from router.config import RouterConfig
 from router.errors import ServiceError
 from router.keys import ApiKeyStore
-from router.server import RouterServicer
+from router.relay import Relay
 from tests.service.router_harness import auth, create_keys, router_in_thread, start_workers
 
 WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
@@ -317,10 +317,10 @@ def test_unavailable_worker_before_first_token_is_retried(workers, dead_address)
         channels = {a: grpc.aio.insecure_channel(a) for a in (dead_address, workers[0].address)}
         try:
             pool = FakePool(channels)
-            servicer = RouterServicer(RouterConfig(retry_attempts=1), pool, None, None, None)
+            relay = Relay(RouterConfig(retry_attempts=1), pool)
             model = (await pool.stub(workers[0].address).Info(wpb.InfoRequest(), timeout=5)).model
             job = wpb.Job(request_id="retry-test", model=model, text="hi", parameters=PARAMS)
-            events = [e async for e in servicer._events(job, Ctx())]
+            events = [e async for e in relay.events(job, Ctx())]
             return pool.picked, events
         finally:
             for ch in channels.values():

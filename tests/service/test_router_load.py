@@ -29,8 +29,8 @@ from ratelimit.limiter import connect
 from ratelimit.policy import FailurePolicy
 from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
+from router.costs import estimate_text
 from router.keys import ApiKeyStore
-from router.server import estimate_text
 from tests.service import router_harness
 from tests.service.router_harness import auth, start_workers
 
@@ -311,7 +311,7 @@ def test_two_routers_admit_exactly_the_token_burst(redis_server, workers, tiers_
     # neither refunds (which could admit an 8th) nor charges excess (an early finisher's debit could starve a
     # later admission): the count depends on the admissions alone, whatever the timing
     request = pb.GenerateRequest(inputs=["the"], parameters=SHORT)
-    cost = estimate_text("the", SHORT)
+    cost = estimate_text("the", SHORT, 0)
     assert cost == 3  # 21 tokens fit 7 such requests exactly
     with serve_router(config, num_workers=2) as r1, serve_router(config, num_workers=2) as r2:
         outcomes = generate_many([r1.address, r2.address], keys["tokens"].plaintext, request, 40)
@@ -593,8 +593,8 @@ def test_balancing_spreads_load_and_avoids_a_hung_worker(main_router, pro_key, w
 
 
 class FailingWorker(wpb_grpc.WorkerServicer):
-    """Speaks the worker contract, reports SERVING and a real worker's Info, fails every Generate with UNAVAILABLE
-    before sending anything. It predates Worker.Run (UNIMPLEMENTED): the router falls back to Generate."""
+    """Speaks the worker contract, reports SERVING and a real worker's Info, fails every job (Run or Generate) with
+    UNAVAILABLE before sending anything."""
 
     def __init__(self, info: wpb.InfoResponse) -> None:
         self.info = info
@@ -604,6 +604,11 @@ class FailingWorker(wpb_grpc.WorkerServicer):
     def Generate(self, request_iterator, context):
         first = next(request_iterator)
         assert first.HasField("job")
+        with self._lock:
+            self.generate_calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker: engine unavailable")
+
+    def Run(self, request, context):
         with self._lock:
             self.generate_calls += 1
         context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker: engine unavailable")

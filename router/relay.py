@@ -1,0 +1,223 @@
+"""The relay: run a job on a worker and yield its events, failing over to another worker when one goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from protos.llamagrid.v1 import inference_pb2 as pb
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from router.background import Background
+from router.calls import CallRecord
+from router.config import RouterConfig
+from router.errors import NoHealthyWorker, WorkerLost, public_error
+from router.fanout import Fanout
+from router.metrics import RouterMetrics
+from router.worker_pool import WorkerPool
+
+log = structlog.get_logger("router.server")
+
+FAILED_EXCLUDE_S = 1.0  # a worker that failed a job is skipped this long for it (then it may be a restarted one)
+FAILOVER_POLL_S = 0.1  # while waiting for a healthy worker to take a job over
+# A job's own deadline (Job.deadline_unix_ms) trails the client's by this much. The client's deadline also rides on
+# the gRPC call to the worker, and that is what ends the request (DEADLINE_EXCEEDED, the worker's sequence freed
+# within a step); the job's deadline is only the backstop should the call's cancellation be lost. Equal deadlines
+# would race: the worker ending the job (finish CANCELLED, status OK) just before the client's own timer fired.
+JOB_DEADLINE_GRACE_S = 1.0
+# Worker call failures that mean "the replica went away" (a dying process resets its streams with INTERNAL or
+# CANCELLED as well as UNAVAILABLE), not a verdict on the request: the job fails over, before or after its first
+# event. A worker's own bug (INTERNAL/UNKNOWN) is bounded by config.retry_attempts like any other failure.
+WORKER_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                               grpc.StatusCode.CANCELLED})
+
+
+def deadline_ms(context) -> int:
+    """Job.deadline_unix_ms for a call: its client's deadline plus JOB_DEADLINE_GRACE_S; 0 (none) without one."""
+    remaining = context.time_remaining()
+    return 0 if remaining is None else int((time.time() + remaining + JOB_DEADLINE_GRACE_S) * 1000)
+
+
+def new_job(request_id: str, model: str, params: pb.SamplingParameters, context, tenant: str,
+            weight: int) -> wpb.Job:
+    """A worker job for a tenant (the worker shares its admissions among tenants by `weight`). An unseeded job
+    that may sample gets a seed here, so a failover can resume it exactly."""
+    job = wpb.Job(request_id=request_id, model=model, parameters=params, tenant=tenant, tenant_weight=weight)
+    if not params.HasField("seed") and not (params.HasField("temperature") and params.temperature == 0.0):
+        job.parameters.seed = random.getrandbits(62)
+    job.deadline_unix_ms = deadline_ms(context)
+    return job
+
+
+def renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
+    """How the worker's names for a job's fields read in the public request it came from: a Generate input
+    `inputs[i]` (request id `<call>/<i>`), a Chat turn `turns[n]` (request id `<session>/<n>`)."""
+    n = job.request_id.rsplit("/", 1)[-1]
+    if job.WhichOneof("prompt") == "chat":
+        return (("job.chat.", f"turns[{n}]."), ("job.chat", f"turns[{n}].messages"),
+                ("job.parameters", f"turns[{n}].parameters"), ("job.", f"turns[{n}]."))
+    return (("job.text", f"inputs[{n}]"), ("job.parameters", "parameters"), ("job.", f"inputs[{n}]."))
+
+
+@dataclass
+class _Failover:
+    """One job's way through workers: who failed it (excluded for FAILED_EXCLUDE_S), what was already streamed
+    (sent again as resume_token_ids), how long to wait for a healthy worker."""
+
+    job: wpb.Job
+    current: wpb.Job
+    pending: int  # tokens the job may still generate, for the worker's load
+    failed: dict[str, float] = field(default_factory=dict)
+    failures: int = 0
+    streamed: list[int] = field(default_factory=list)
+    wait_until: float | None = None
+
+
+async def _outbound(job: wpb.Job, requests: asyncio.Queue) -> AsyncIterator[wpb.WorkerRequest]:
+    yield wpb.WorkerRequest(job=job)
+    while (msg := await requests.get()) is not None:
+        yield msg
+
+
+async def _drain(call) -> None:
+    """Let a worker call whose job has finished end by itself (its trailers), off the client's path."""
+    with contextlib.suppress(Exception):
+        await call
+
+
+class Relay:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics | None = None,
+                 background: Background | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.background = background if background is not None else Background()
+
+    async def events(self, job: wpb.Job, context, *, prefer: str | None = None,
+                     requests: asyncio.Queue | None = None, on_address: Callable[[str], None] | None = None,
+                     record: CallRecord | None = None,
+                     renamed: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[wpb.WorkerEvent]:
+        """Run one job on a worker and yield its events, failing over when the worker goes away.
+
+        A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before
+        any token the job is simply re-sent; after tokens were streamed it is re-sent with those tokens as
+        `resume_token_ids`, so the new worker continues exactly where the old one stopped (greedy or seeded
+        sampling: every unseeded job is seeded, new_job) and the caller sees one unbroken stream. Up to
+        config.retry_attempts failovers per job; while no other worker is healthy the job waits for one (a
+        restarted replica counts) until its deadline or config.failover_wait_s. `prefer` names the worker to try
+        first while it is healthy (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the
+        worker stream; None there half-closes it. `on_address` learns each worker that starts producing events.
+        `record` (optional) learns the first token's time, the failovers and the last worker. `renamed`: how the
+        job's field names read in the client's request (renames)."""
+        state = _Failover(job, job, job.parameters.max_new_tokens or self.pool.default_max_new_tokens(job.model))
+        sent_at = time.monotonic()
+        while True:
+            target = await self._target(state, context, prefer)
+            if record is not None:
+                record.worker = target
+            lease = self.pool.acquire(target, state.pending - len(state.streamed))
+            call = self._call(target, state.current, context, requests)
+            started = finished = False
+            try:
+                async for event in call:
+                    if not started:
+                        started = True
+                        if on_address is not None:
+                            on_address(target)
+                    finished = event.HasField("finished")
+                    delta = event.delta if not finished else event.finished.last_delta
+                    if delta.token_ids:
+                        self._streamed(state, delta.token_ids, sent_at, record)
+                    if finished and self.metrics is not None:
+                        self.metrics.usage(job.model, event.finished.usage)
+                    yield event
+                    if finished:  # the job's last event: the caller need not wait for the worker's trailers
+                        return
+                return
+            except grpc.aio.AioRpcError as exc:
+                self._failed(state, target, exc, context, record, renamed)
+            finally:
+                lease.release()
+                if finished:
+                    self.background.spawn(_drain(call))
+                else:
+                    call.cancel()
+
+    def _call(self, target: str, job: wpb.Job, context, requests: asyncio.Queue | None):
+        stub = self.pool.stub(target)
+        metadata = (("x-request-id", job.request_id), *self.pool.metadata)
+        if requests is None:  # nothing will follow the job: the one-message call starts in one round trip
+            return stub.Run(job, timeout=context.time_remaining(), metadata=metadata)
+        return stub.Generate(_outbound(job, requests), timeout=context.time_remaining(), metadata=metadata)
+
+    async def _target(self, state: _Failover, context, prefer: str | None) -> str:
+        """A healthy worker for the job, waiting for one after a failure (a restarted replica counts)."""
+        while True:
+            now = time.monotonic()
+            excluded = frozenset(a for a, t in state.failed.items() if now - t < FAILED_EXCLUDE_S)
+            picked = self.pool.pick(state.job.model, excluded, prefer=prefer)
+            if picked is not None:
+                return picked[0].address
+            if not state.failures:
+                raise NoHealthyWorker("no healthy worker for the model")
+            if state.wait_until is None:
+                remaining = context.time_remaining()
+                state.wait_until = now + min(self.config.failover_wait_s,
+                                             remaining if remaining is not None else math.inf)
+            if now >= state.wait_until:
+                raise NoHealthyWorker(f"no healthy worker could take over the request ({state.failures} failed)")
+            await asyncio.sleep(FAILOVER_POLL_S)
+
+    def _streamed(self, state: _Failover, token_ids, sent_at: float, record: CallRecord | None) -> None:
+        if not state.streamed:
+            first = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.first_token(state.job.model, first - sent_at)
+            if record is not None and record.first_token_at is None:
+                record.first_token_at = first
+        state.streamed.extend(token_ids)
+
+    def _failed(self, state: _Failover, target: str, exc: grpc.aio.AioRpcError, context,
+                record: CallRecord | None, renamed: tuple[tuple[str, str], ...]) -> None:
+        """A worker call failed: raise the client's error, or prepare the job for the next worker."""
+        code = exc.code()
+        if code not in WORKER_LOST_CODES:  # the worker's verdict on the request: pass it on, in public names
+            raise public_error(exc, renamed) from exc
+        state.failures += 1
+        if record is not None:
+            record.failovers += 1
+        state.failed[target] = time.monotonic()
+        job = state.job
+        if state.failures > self.config.retry_attempts:
+            log.warning("worker_failover_exhausted", request_id=job.request_id, worker=target, code=code.name,
+                        failures=state.failures)
+            raise WorkerLost(f"the request's worker failed {state.failures} times (the last: {code.name}); "
+                             "retry it") from exc
+        log.warning("worker_failover", request_id=job.request_id, worker=target, code=code.name,
+                    failures=state.failures, resumed_tokens=len(state.streamed))
+        if state.streamed:
+            state.current = wpb.Job()
+            state.current.CopyFrom(job)
+            state.current.resume_token_ids.extend(state.streamed)
+            if state.current.deadline_unix_ms == 0:
+                state.current.deadline_unix_ms = deadline_ms(context)
+        state.wait_until = None
+
+    def fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Fanout:
+        """Start every job now, each on its own worker pick (with failover)."""
+        return Fanout(jobs, lambda job: self.events(job, context, record=record, renamed=renames(job)))
+
+    @staticmethod
+    async def close(fanout: Fanout | None) -> None:
+        if fanout is None:
+            return
+        await fanout.close()
+        if fanout.outbox.merged:
+            log.debug("deltas_coalesced", request_id=fanout.jobs[0].request_id, merged=fanout.outbox.merged)

@@ -1,0 +1,248 @@
+"""The router's public llamagrid.v1.Inference: admit each call (router.admission), relay its jobs from workers
+(router.relay), Chat sessions turn by turn (router.chat). Holds no per-session state outside a live stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from common.errors import InvalidRequest, handle_errors, handle_stream_errors
+from protos.llamagrid.v1 import inference_pb2 as pb
+from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from router.admission import Admission
+from router.auth import Presented
+from router.calls import CallRecord, begin_call, call_ended
+from router.chat import ChatCall
+from router.concurrency import REQUESTS, SESSIONS
+from router.config import RouterConfig
+from router.costs import estimate_chat, estimate_text
+from router.errors import NoHealthyWorker, ServiceError, from_rpc_error
+from router.fanout import Fanout
+from router.keys import KeyRecord
+from router.metrics import RouterMetrics
+from router.relay import Relay, new_job
+
+log = structlog.get_logger("router.server")
+
+MAX_INPUTS = 64
+_NO_NEW_TOKENS = pb.SamplingParameters(max_new_tokens=0)  # CountTokens generates nothing
+
+
+class RouterServicer(pb_grpc.InferenceServicer):
+    def __init__(self, config: RouterConfig, admission: Admission, relay: Relay, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.admission = admission
+        self.relay = relay
+        self.metrics = metrics
+
+    def rpc_observer(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Called by common.errors' decorators when a call ends: metrics, and the call's request_finished."""
+        self.metrics.rpc_observer(method, code, seconds)
+        call_ended(code)
+
+    # ---- Generate and GenerateStream
+
+    @handle_errors
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        record = begin_call("Generate", context)
+        fanout = None
+        try:
+            fanout = await self._admit_generate(request, context, record)
+            outputs = [pb.Completion() for _ in fanout.jobs]
+            texts: list[list[str]] = [[] for _ in fanout.jobs]
+            async for index, event in fanout.events():
+                delta = event.delta if event.HasField("delta") else event.finished.last_delta
+                texts[index].append(delta.text)
+                outputs[index].token_ids.extend(delta.token_ids)
+                if event.HasField("finished"):
+                    outputs[index].finish_reason = event.finished.finish_reason
+                    outputs[index].usage.CopyFrom(event.finished.usage)
+                    record.add_usage(event.finished.usage)
+            for out, parts in zip(outputs, texts, strict=True):
+                out.text = "".join(parts)
+            return pb.GenerateResponse(outputs=outputs)
+        finally:
+            await self.relay.close(fanout)
+            self.admission.settle(record)
+
+    @handle_stream_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
+        record = begin_call("GenerateStream", context)
+        fanout = None
+        try:
+            fanout = await self._admit_generate(request, context, record)
+            async for index, event in fanout.events():
+                if event.HasField("delta"):
+                    yield pb.GenerateChunk(index=index, text=event.delta.text, token_ids=event.delta.token_ids)
+                else:
+                    fin = event.finished
+                    record.add_usage(fin.usage)
+                    yield pb.GenerateChunk(index=index, text=fin.last_delta.text, token_ids=fin.last_delta.token_ids,
+                                           finish_reason=fin.finish_reason, usage=fin.usage)
+        finally:
+            await self.relay.close(fanout)
+            self.admission.settle(record)
+
+    def _jobs(self, request: pb.GenerateRequest, model: str, context, record: CallRecord,
+              key: KeyRecord) -> list[wpb.Job]:
+        tier = self.admission.tiers.get(key.tier)
+        weight = tier.weight if tier is not None else 1
+        jobs = []
+        for i, text in enumerate(request.inputs):
+            job = new_job(f"{record.request_id}/{i}", model, request.parameters, context, key.tenant, weight)
+            job.text = text
+            jobs.append(job)
+        return jobs
+
+    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Fanout:
+        """Authenticate and charge a Generate/GenerateStream request; its jobs, started (possibly while the
+        admission was in flight: _dispatch_ahead)."""
+        admission = self.admission
+        presented = admission.begin(context)
+        record.inputs = len(request.inputs)
+        num_chars = sum(len(t) for t in request.inputs)
+        well_formed = 0 < len(request.inputs) <= MAX_INPUTS and num_chars <= self.config.max_request_chars
+        default_max_new = admission.default_max_new(request.model)
+        cost = sum(estimate_text(t, request.parameters, default_max_new) for t in request.inputs) if well_formed else 0
+        ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
+        try:
+            if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send
+                await asyncio.sleep(0)  # task runs): the admission round trip below overlaps them
+                await asyncio.sleep(0)
+            admitted = await admission.admit(presented, request.model, cost, record, well_formed)
+            key, model = admitted.key, admitted.model
+            record.model = model
+            _check_inputs(request)
+            admission.check_size(num_chars, "inputs")
+            record.slot = admission.hold(key, REQUESTS, cost, admitted.decided)
+            await admission.charge(key, cost, context, record, decided=admitted.decided, field="inputs")
+        except BaseException:
+            if ahead is not None:
+                await self._drop_ahead(ahead[1])
+            raise
+        log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(request.inputs),
+                  reserved=cost, one_round_trip=admitted.decided is not None, dispatched_ahead=ahead is not None)
+        fanout = await self._kept_ahead(ahead, model)
+        if fanout is None:
+            fanout = self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
+        try:
+            await admission.headers_out(record)  # meanwhile the jobs run; their events wait in the fanout's outbox
+        except BaseException:
+            await self.relay.close(fanout)
+            raise
+        return fanout
+
+    def _dispatch_ahead(self, presented: Presented, request: pb.GenerateRequest, cost: int, context,
+                        record: CallRecord) -> tuple[str, Fanout] | None:
+        """Start the request's jobs before its admission is decided, when it is all but certain to be admitted
+        (router.ahead): (model, the started fanout), or None."""
+        if not self.config.dispatch_ahead:
+            return None
+        key = self.admission.known(presented)
+        if key is None:
+            return None
+        try:
+            model = self.admission.resolve_model(key, request.model)
+        except ServiceError:
+            return None
+        if not self.admission.room_ahead(key, cost):
+            return None
+        return model, self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
+
+    async def _kept_ahead(self, ahead: tuple[str, Fanout] | None, model: str) -> Fanout | None:
+        """The jobs dispatched ahead, if they are what was admitted."""
+        if ahead is None:
+            return None
+        if ahead[0] != model:  # the pool changed meanwhile: never serve what was not asked
+            await self._drop_ahead(ahead[1])
+            return None
+        self.metrics.dispatch_ahead("kept")
+        return ahead[1]
+
+    async def _drop_ahead(self, fanout: Fanout) -> None:
+        """Cancel jobs sent ahead whose admission said no (or whose call ended first)."""
+        self.metrics.dispatch_ahead("cancelled")
+        await self.relay.close(fanout)
+
+    # ---- Chat
+
+    @handle_stream_errors
+    async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatEvent]:
+        record = begin_call("Chat", context)  # the session until its first turn, then each turn's own
+        presented = self.admission.begin(context)
+        key = (await self.admission.admit(presented, None, 0, record, one_round_trip=False)).key
+        session_slot = self.admission.hold(key, SESSIONS)
+        try:
+            call = ChatCall(self.config, self.admission, self.relay, self.metrics, context, presented, key, record)
+            async for event in call.run(request_iterator):
+                yield event
+        finally:
+            session_slot.release()
+
+    # ---- CountTokens and ListModels
+
+    @handle_errors
+    async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
+        record = begin_call("CountTokens", context)
+        admission = self.admission
+        presented = admission.begin(context)
+        # metered like any call: one request, and the text's token estimate (settled to the exact count)
+        which = request.WhichOneof("input")
+        if which == "chat":
+            field_, num_chars = "chat.messages", sum(len(m.content) for m in request.chat.messages)
+            cost = estimate_chat(request.chat.messages, _NO_NEW_TOKENS, 0)
+        else:
+            field_, num_chars = "text", len(request.text)
+            cost = estimate_text(request.text, _NO_NEW_TOKENS, 0)
+        well_formed = which is not None and num_chars <= self.config.max_request_chars
+        admitted = await admission.admit(presented, request.model, cost, record, well_formed)
+        record.model, record.inputs = admitted.model, 1
+        if which is None:
+            raise InvalidRequest("input", "set text or chat")
+        admission.check_size(num_chars, field_)
+        record.slot = admission.hold(admitted.key, REQUESTS, cost, admitted.decided)
+        try:
+            await admission.charge(admitted.key, cost, context, record, decided=admitted.decided, field=field_)
+            await admission.headers_out(record)
+            return await self._count_tokens(request, admitted.model, context, record)
+        finally:
+            admission.settle(record)
+
+    async def _count_tokens(self, request: pb.CountTokensRequest, model: str, context,
+                            record: CallRecord) -> pb.CountTokensResponse:
+        pool = self.relay.pool
+        picked = pool.pick(model)
+        if picked is None:
+            raise NoHealthyWorker("no healthy worker for the model")
+        record.worker = picked[0].address
+        forwarded = pb.CountTokensRequest()
+        forwarded.CopyFrom(request)
+        forwarded.model = model
+        try:
+            response = await pool.stub(picked[0].address).CountTokens(
+                forwarded, timeout=context.time_remaining(), metadata=pool.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        record.prompt_tokens = response.count
+        return response
+
+    @handle_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        record = begin_call("ListModels", context)
+        admitted = await self.admission.admit(self.admission.begin(context), None, 0, record)  # metered: 1 request
+        await self.admission.charge(admitted.key, 0, context, record, decided=admitted.decided)
+        await self.admission.headers_out(record)
+        pool = self.relay.pool
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name=name, max_context=pool.max_context(name))
+                                             for name in pool.models()])
+
+
+def _check_inputs(request: pb.GenerateRequest) -> None:
+    if not request.inputs:
+        raise InvalidRequest("inputs", "at least one input is required")
+    if len(request.inputs) > MAX_INPUTS:
+        raise InvalidRequest("inputs", f"at most {MAX_INPUTS} inputs per request")
