@@ -26,7 +26,7 @@ class RouterConfig:
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off, 0 = any free port
     workers: str = "127.0.0.1:50061"
     discovery_interval_s: float = 5.0
-    redis_url: str | None = None  # None = start an embedded redis-server
+    redis_url: str | None = None  # None: build_router refuses; python -m router starts a private redis-server
     tiers_path: Path | None = None  # None = ratelimit.tiers.DEFAULT_TIERS
     tier_check_interval_s: float = 1.0
     failure_policy: FailurePolicy = FailurePolicy.FAIL_OPEN
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--workers-dns", default=None, metavar="NAME:PORT",
                        help="every address of NAME (e.g. a headless Service), re-resolved periodically")
     p.add_argument("--discovery-interval", type=float, default=d["discovery_interval_s"].default, help="seconds")
-    p.add_argument("--redis-url", default=None, help=f"default ${REDIS_URL_ENV}; neither = embedded redis-server")
+    p.add_argument("--redis-url", default=None,
+                   help=f"default ${REDIS_URL_ENV}; neither = python -m router starts a private redis-server")
     p.add_argument("--tiers", type=Path, default=None, help="tier TOML file, re-read when it changes")
     p.add_argument("--tier-check-interval", type=float, default=d["tier_check_interval_s"].default)
     p.add_argument("--failure-policy", choices=[f.value for f in FailurePolicy],
@@ -156,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a Chat session may stay open (it ends after the turn in progress)")
     p.add_argument("--chat-idle-timeout", type=float, default=d["chat_idle_timeout_s"].default,
                    help="seconds a Chat session may wait for its next turn")
+    _add_connection_args(p, d)
+    p.add_argument("--log-level", default=d["log_level"].default)
+    return p
+
+
+def _add_connection_args(p: argparse.ArgumentParser, d: dict) -> None:
+    """TLS, the internal token, and how client connections are kept alive and recycled."""
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for the client port")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     p.add_argument("--internal-token-file", type=Path, default=None,
@@ -174,8 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the calls of such a connection get to finish")
     p.add_argument("--max-concurrent-streams", type=int, default=d["max_concurrent_streams"].default,
                    help="calls in flight per connection (0: no cap)")
-    p.add_argument("--log-level", default=d["log_level"].default)
-    return p
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RouterConfig:
