@@ -2,12 +2,15 @@
 
 Out of memory (torch.OutOfMemoryError from the model step, real or injected): the engine sheds load and
 retries rather than failing requests. Each OOM step frees the prefix cache (and PyTorch's cached CUDA
-memory), preempts half of the running sequences (Scheduler.preempt picks them: the newest, from tenants above
-their share first; recompute: they finish later with the same tokens) and halves the scheduler's max_num_seqs
-and token budget; after OOM_RECOVERY_STEPS good steps in a row the limits double back towards the configured
-ones. OOM_MAX_CONSECUTIVE OOM steps in a row (no good step between them) mean shedding does not help: the
-engine logs `engine_oom_exit` and ends the process with faults.OOM_EXIT_CODE, for the supervisor to restart
-the group.
+memory) and has the scheduler shrink its batch (Scheduler.shrink_batch: half of the running sequences are
+preempted, the newest from tenants above their share first; recompute: they finish later with the same tokens;
+max_num_seqs and the token budget go down); after OOM_RECOVERY_STEPS good steps in a row the limits double back
+towards the configured ones (Scheduler.restore_batch). OOM_MAX_CONSECUTIVE OOM steps in a row (no good step
+between them) mean shedding does not help: the engine logs `engine_oom_exit` and ends the process with
+faults.OOM_EXIT_CODE, for the supervisor to restart the group.
+
+Whether a sequence is over is decided in worker.finish alone: the scheduler applies it after each step (EOS,
+length), the engine once a token's text is known (stop strings) and when a resumed job arrives.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import structlog
 import torch
@@ -24,6 +27,7 @@ import torch
 from common.errors import EngineUnavailable, ServiceError
 from worker.detokenizer import TextStream, TokenDecoder
 from worker.faults import NO_FAULTS, FaultPlan, exit_for_oom
+from worker.finish import finish_reason
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
@@ -112,7 +116,6 @@ class Engine:
         self.num_oom_steps = 0  # total since start
         self._oom_streak = 0  # OOM steps in a row
         self._num_good_steps = 0  # good steps since the limits last changed
-        self._configured_limits = scheduler.config
         self._load = LoadSnapshot(0, 0, scheduler.block_manager.num_free_blocks,
                                   scheduler.block_manager.num_blocks, 0)
 
@@ -178,17 +181,15 @@ class Engine:
         updated = self.scheduler.update(batch, sampled)
         self.num_steps += 1
         self._oom_streak = 0
-        if self.scheduler.config != self._configured_limits:
+        if self.scheduler.is_batch_shrunk:
             self._maybe_restore_limits()
         for seq in updated:
             active = self._active.get(seq.request_id)
             if active is None:
                 continue
             token_id = seq.token_ids[-1]
-            text = active.stream.push(token_id)
-            if active.stream.stopped and not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.STOP)
-            active.pending.append(TokenEvent(text, [token_id]))
+            active.pending.append(TokenEvent(active.stream.push(token_id), [token_id]))
+            self._finish_if_over(seq, active.stream)
             if seq.is_finished:
                 self._finish(active)
         self._flush_events()
@@ -224,14 +225,22 @@ class Engine:
         self._active[request.request_id] = active
         if request.resume_token_ids:
             stream.replay(request.resume_token_ids)
-            reason = _resumed_finish_reason(seq, stream)
+            reason = finish_reason(seq, self.scheduler.config.max_model_len, stop_string_seen=stream.stopped)
             log.info("request_resumed", request_id=request.request_id, num_prompt_tokens=seq.num_prompt_tokens,
                      num_resume_tokens=seq.num_output_tokens, finished=reason.name if reason else None)
-            if reason is not None:
+            if reason is not None:  # never scheduled: it ends here, as a step would have ended it
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
                 self._finish(active)
                 return
         self.scheduler.add(seq)
+
+    def _finish_if_over(self, seq: Sequence, stream: TextStream) -> None:
+        """After a step, once the new token's text is known: end seq if worker.finish says it is over."""
+        if seq.is_finished:  # the scheduler already ended it (EOS, length)
+            return
+        reason = finish_reason(seq, self.scheduler.config.max_model_len, stop_string_seen=stream.stopped)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
 
     def _abort(self, request_id: str) -> None:
         active = self._active.get(request_id)
@@ -296,31 +305,19 @@ class Engine:
         scheduler.block_manager.reset_prefix_cache()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-        keep = max(1, scheduler.num_running // 2)
-        num_preempted = 0
-        while scheduler.num_running > keep:
-            scheduler.preempt()
-            num_preempted += 1
-        limits = scheduler.config
-        scheduler.config = replace(limits, max_num_seqs=max(1, min(limits.max_num_seqs, keep)),
-                                   max_num_batched_tokens=max(1, limits.max_num_batched_tokens // 2))
+        num_preempted = scheduler.shrink_batch()
         log.warning("engine_oom_shed", **fields, num_preempted=num_preempted,
-                    max_num_seqs=scheduler.config.max_num_seqs,
-                    max_num_batched_tokens=scheduler.config.max_num_batched_tokens)
+                    max_num_seqs=scheduler.limits.max_num_seqs,
+                    max_num_batched_tokens=scheduler.limits.max_num_batched_tokens)
 
     def _maybe_restore_limits(self) -> None:
         self._num_good_steps += 1
         if self._num_good_steps < OOM_RECOVERY_STEPS:
             return
         self._num_good_steps = 0
-        full, now = self._configured_limits, self.scheduler.config
-        self.scheduler.config = replace(
-            now,
-            max_num_seqs=min(full.max_num_seqs, now.max_num_seqs * 2),
-            max_num_batched_tokens=min(full.max_num_batched_tokens, now.max_num_batched_tokens * 2),
-        )
-        log.info("engine_oom_limits_raised", max_num_seqs=self.scheduler.config.max_num_seqs,
-                 max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens)
+        self.scheduler.restore_batch()
+        log.info("engine_oom_limits_raised", max_num_seqs=self.scheduler.limits.max_num_seqs,
+                 max_num_batched_tokens=self.scheduler.limits.max_num_batched_tokens)
 
     def _fail_all(self, error: ServiceError) -> None:
         for request_id, active in list(self._active.items()):
@@ -343,13 +340,3 @@ class Engine:
             num_pending_tokens=pending,
         )
 
-
-def _resumed_finish_reason(seq: Sequence, stream: TextStream) -> FinishReason | None:
-    """Why a resumed request is already over, checked in the order a step checks its last token."""
-    if seq.token_ids[-1] in seq.eos_token_ids and not seq.params.ignore_eos:
-        return FinishReason.EOS
-    if seq.num_output_tokens >= seq.params.max_new_tokens:
-        return FinishReason.LENGTH
-    if stream.stopped:
-        return FinishReason.STOP
-    return None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from worker.fair_queue import FairQueue, fair_shares
+from worker.finish import finish_reason
 from worker.kv_cache import BlockManager, CachedPrefix
 from worker.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -56,7 +57,8 @@ class Scheduler:
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
-        self.config = config
+        self.config = config  # as configured; never changes
+        self.limits = config  # the limits in force: lower than config while shedding load (shrink_batch)
         self.block_manager = block_manager
         self.waiting = FairQueue()  # FIFO per tenant; preempted sequences go back to the front of theirs
         self.running: list[Sequence] = []  # oldest arrival first
@@ -89,7 +91,8 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End seq now (update() on EOS/length, the engine on a stop string); frees its blocks. Idempotent."""
+        """End seq now for reason (worker.finish decides it: update() on EOS/length, the engine on a stop string);
+        frees its blocks. Idempotent."""
         if seq.is_finished:
             return
         if seq.status == SequenceStatus.RUNNING:
@@ -111,7 +114,7 @@ class Scheduler:
         When room runs out, a waiting tenant below its share of the running set claims room from tenants above
         theirs (_claim_fair_share), and the step that preempted for it admits its sequence.
         """
-        budget = self.config.max_num_batched_tokens
+        budget = self.limits.max_num_batched_tokens
         entries: dict[Sequence, ScheduledSeq] = {}
         preempted: list[Sequence] = []
         i = 0
@@ -136,7 +139,8 @@ class Scheduler:
         return ScheduledBatch(tuple(entries.values()), tuple(preempted))
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: dict[str, int]) -> list[Sequence]:
-        """Called after the model step: record computed tokens, append sampled ones, finish EOS/length.
+        """Called after the model step: record computed tokens, append sampled ones, finish the sequences
+        worker.finish says are over (EOS, length).
 
         Returns the sequences that received a new token this step, finished ones included; finished
         sequences have already released their blocks.
@@ -154,14 +158,14 @@ class Scheduler:
             token_id = sampled_token_ids[seq.request_id]
             seq.append_token(token_id)
             updated.append(seq)
-            reason = self._stop_reason(seq, token_id)
+            reason = finish_reason(seq, self.config.max_model_len)
             if reason is not None:
                 self.finish(seq, reason)
         return updated
 
     def check_invariants(self) -> None:
         """Assert queue and block bookkeeping agree (tests)."""
-        assert len(self.running) <= self.config.max_num_seqs
+        assert len(self.running) <= self.limits.max_num_seqs
         assert not set(self.running) & set(self.waiting)
         assert [s.arrival for s in self.running] == sorted(s.arrival for s in self.running)
         bs = self.block_manager.block_size
@@ -185,6 +189,32 @@ class Scheduler:
         self._preempt(victim)
         return victim
 
+    def shrink_batch(self) -> int:
+        """Shed load after a model step ran out of memory: preempt the newer half of the running sequences
+        (preempt() picks them; recompute) and lower the limits of a step, max_num_seqs to what is left running and
+        the token budget to half, until restore_batch() raises them again. Returns the number preempted."""
+        keep = max(1, self.num_running // 2)
+        num_preempted = 0
+        while self.num_running > keep:
+            self.preempt()
+            num_preempted += 1
+        self.limits = replace(self.limits, max_num_seqs=max(1, min(self.limits.max_num_seqs, keep)),
+                              max_num_batched_tokens=max(1, self.limits.max_num_batched_tokens // 2))
+        return num_preempted
+
+    def restore_batch(self) -> bool:
+        """Double the lowered limits back towards the configured ones; False when they are not lowered."""
+        if not self.is_batch_shrunk:
+            return False
+        full, now = self.config, self.limits
+        self.limits = replace(now, max_num_seqs=min(full.max_num_seqs, now.max_num_seqs * 2),
+                              max_num_batched_tokens=min(full.max_num_batched_tokens, now.max_num_batched_tokens * 2))
+        return True
+
+    @property
+    def is_batch_shrunk(self) -> bool:
+        return self.limits != self.config
+
     def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, first_unplanned: int,
                              preempted: list[Sequence]) -> bool:
         # running[first_unplanned:] (seq first) have no entry this step yet: only they may be evicted for seq
@@ -199,8 +229,8 @@ class Scheduler:
     def _admit(self, budget: int, entries: dict[Sequence, ScheduledSeq], preempted: list[Sequence]) -> bool:
         """Start waiting sequences while room allows; True when one claimed room by preempting (_claim_fair_share)."""
         counts = Counter(s.tenant for s in self.running)
-        shares = self._shares(self.config.max_num_seqs, counts)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        shares = self._shares(self.limits.max_num_seqs, counts)
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting.peek(first=self._below_share(counts, shares))
             prefix = self.block_manager.get_computed_prefix(seq)
             num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
@@ -266,7 +296,7 @@ class Scheduler:
               releasing: Collection[Sequence] = ()) -> bool:
         """Whether seq could be admitted with num_new_tokens once `releasing` (running) were preempted."""
         bm = self.block_manager
-        if len(self.running) - len(releasing) >= self.config.max_num_seqs:
+        if len(self.running) - len(releasing) >= self.limits.max_num_seqs:
             return False
         if not releasing:
             return bm.can_allocate(seq, num_new_tokens, prefix)
@@ -299,11 +329,3 @@ class Scheduler:
     def _entry(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         return ScheduledSeq(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
-
-    @staticmethod
-    def _stop_reason(seq: Sequence, token_id: int) -> FinishReason | None:
-        if token_id in seq.eos_token_ids and not seq.params.ignore_eos:
-            return FinishReason.EOS
-        if seq.num_output_tokens >= seq.params.max_new_tokens:
-            return FinishReason.LENGTH
-        return None

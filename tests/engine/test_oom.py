@@ -62,7 +62,8 @@ def test_single_oom_is_absorbed_with_identical_outputs(worker):
     assert scheduler.num_preemptions > num_preemptions, "the newest sequences were preempted"
     for a, b in zip(baseline, shed, strict=True):
         assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
-    assert scheduler.config.max_num_seqs < limits.max_num_seqs, "limits stay lowered for a while"
+    assert scheduler.limits.max_num_seqs < limits.max_num_seqs, "limits stay lowered for a while"
+    assert scheduler.config == limits  # what was configured stays as it was
     wait_idle(worker)
     bm = scheduler.block_manager
     bm.check_invariants([])
@@ -70,7 +71,7 @@ def test_single_oom_is_absorbed_with_identical_outputs(worker):
     # enough good steps later the limits are back where they were
     run_all(worker, prompts[:2], SamplingParams(max_new_tokens=2 * engine_module.OOM_RECOVERY_STEPS + 4,
                                                 ignore_eos=True), prefix="recover")
-    assert scheduler.config == limits
+    assert scheduler.limits == limits
 
 
 def test_repeated_oom_exits_in_process(worker, monkeypatch):

@@ -16,6 +16,7 @@ from tests.unit.conftest import (
     step,
 )
 from worker.fair_queue import FairQueue, fair_shares
+from worker.finish import finish_reason
 from worker.scheduler import ScheduledSeq, SchedulerConfig
 from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
@@ -225,6 +226,44 @@ def test_finish_from_outside_frees_blocks():
     sched.finish(got, FinishReason.LENGTH)  # already finished: no-op
     assert seq.finish_reason == FinishReason.STOP and sched.block_manager.num_used_blocks == 0
     assert not sched.has_unfinished and sched.schedule() is None
+
+
+def test_finish_reason_is_one_rule_in_a_fixed_order():
+    seq = Sequence("f", [1, 5, 6], SamplingParams(max_new_tokens=3), frozenset({EOS}))
+    assert finish_reason(seq, 100) is None  # nothing generated yet
+    seq.append_token(7)
+    assert finish_reason(seq, 100) is None
+    assert finish_reason(seq, 100, stop_string_seen=True) == FinishReason.STOP
+    assert finish_reason(seq, 4) == FinishReason.LENGTH  # the context is full
+    seq.append_token(EOS)
+    assert finish_reason(seq, 100, stop_string_seen=True) == FinishReason.EOS  # EOS first
+    ignoring = Sequence("g", [1], SamplingParams(max_new_tokens=2, ignore_eos=True), frozenset({EOS}))
+    ignoring.append_token(EOS)
+    assert finish_reason(ignoring, 100) is None
+    ignoring.append_token(EOS)
+    assert finish_reason(ignoring, 100, stop_string_seen=True) == FinishReason.LENGTH  # length before stop
+
+
+def test_shrink_batch_preempts_the_newer_half_and_restore_batch_doubles_back():
+    sched = make_scheduler(max_num_seqs=8, max_num_batched_tokens=64)
+    configured = sched.config
+    runner = FakeRunner(4)
+    for seq in make_sequences(6, num_tokens=4, max_new_tokens=40, ignore_eos=True):
+        sched.add(seq)
+    step(sched, runner)
+    assert sched.num_running == 6 and not sched.is_batch_shrunk
+    assert sched.shrink_batch() == 3
+    assert [s.request_id for s in sched.running] == ["r0", "r1", "r2"]
+    assert [s.request_id for s in sched.waiting] == ["r3", "r4", "r5"]
+    assert (sched.limits.max_num_seqs, sched.limits.max_num_batched_tokens) == (3, 32) and sched.is_batch_shrunk
+    assert sched.config == configured
+    batch = step(sched, runner)
+    assert len(batch.entries) == 3 and sched.num_running == 3  # nobody admitted past the lowered limit
+    assert sched.restore_batch() and (sched.limits.max_num_seqs, sched.limits.max_num_batched_tokens) == (6, 64)
+    assert sched.restore_batch() and sched.limits == configured and not sched.is_batch_shrunk
+    assert not sched.restore_batch()
+    run_to_completion(sched, runner)
+    assert sched.block_manager.num_used_blocks == 0
 
 
 def test_same_system_prompt_shares_blocks():
