@@ -3,7 +3,8 @@
 No API keys, no rate limits, no worker pool, no failover, no logging: one hop's worth of gRPC and nothing else.
 bench/router_overhead.py runs it beside the router, in front of the same worker, so a reader can tell what the
 router's own work costs (router minus relay) from what any Python gRPC hop costs on the machine (relay minus
-direct). Serves only what that benchmark sends (one input per request) and ListModels; not a product component.
+direct). Serves only what that benchmark sends (one input per request) and ListModels (from the worker's
+Worker.Info); not a product component.
 
     .venv/bin/python bench/bare_relay.py --worker 127.0.0.1:50051 --port-file /tmp/relay.port
 """
@@ -31,11 +32,11 @@ class BareRelay(pb_grpc.InferenceServicer):
     def __init__(self, worker: str) -> None:
         self.channel = grpc.aio.insecure_channel(worker)
         self.worker = wpb_grpc.WorkerStub(self.channel)
-        self.public = pb_grpc.InferenceStub(self.channel)
         self.calls = 0
 
     async def ListModels(self, request, context):
-        return await self.public.ListModels(request, timeout=context.time_remaining())
+        info = await self.worker.Info(wpb.InfoRequest(), timeout=context.time_remaining())
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name=info.model, max_context=info.max_context)])
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         if len(request.inputs) != 1:

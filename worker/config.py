@@ -36,7 +36,6 @@ class WorkerConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_message_chars: int = 100_000
-    max_num_inputs: int = 64  # inputs per Generate request
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     drain_timeout_s: float = 30.0
     log_level: str = "info"

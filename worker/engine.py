@@ -51,7 +51,7 @@ class FinishEvent:
     num_cached_tokens: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    final: TokenEvent | None = None  # tokens of the same step, carried here (InferenceService.stream merge_final)
+    final: TokenEvent | None = None  # tokens of the same step, carried here (worker.service.merge_final)
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ or any other caller-supplied string.
 name                                            type       labels                meaning
 ==============================================  =========  ====================  =======================================
 llamagrid_worker_requests_total                 counter    method, code          finished gRPC calls by full method name
-                                                                                 (/llamagrid.v1.Inference/Generate, ...)
+                                                                                 (/llamagrid.worker.v1.Worker/Run, ...)
                                                                                  and gRPC status code name (OK, ...)
 llamagrid_worker_request_duration_seconds       histogram  method                gRPC call duration, by method
 llamagrid_worker_jobs_finished_total            counter    model, finish_reason  engine jobs ended: EOS, LENGTH, STOP,
@@ -44,7 +44,7 @@ from common.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, RpcMetrics, 
 
 
 class WorkerMetrics:
-    """The worker's registry. `service` (an InferenceService) and its engine are read at scrape time."""
+    """The worker's registry. `service` (a worker.service.WorkerService) and its engine are read at scrape time."""
 
     def __init__(self, model: str, service=None) -> None:
         self.model = model

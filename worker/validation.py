@@ -1,4 +1,4 @@
-"""Request checks: wire parameters -> SamplingParams, or InvalidRequest naming the field."""
+"""Request checks: requested parameters -> SamplingParams, or InvalidRequest naming the field."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
-from protos.llamagrid.v1 import inference_pb2 as pb
+from common.request_ids import MAX_JOB_ID_CHARS
 from worker.sequence import SamplingParams
 from worker.tokenizer import GenerationDefaults
 
 MAX_SEED = 2**63 - 1
+MAX_TENANT_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +21,21 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_message_chars: int = 100_000
-    max_num_inputs: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedParameters:
+    """Sampling parameters as the caller sent them (worker.server reads them off the wire): None where a field
+    was not set, so its default applies."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
 
 
 def _finite(value: float, field: str) -> float:
@@ -29,9 +44,9 @@ def _finite(value: float, field: str) -> float:
     return value
 
 
-def check_parameters(p: pb.SamplingParameters, limits: Limits, prefix: str = "parameters") -> None:
+def check_parameters(p: RequestedParameters, limits: Limits, prefix: str = "parameters") -> None:
     """Check every parameter that does not depend on the prompt length."""
-    if p.HasField("max_new_tokens"):
+    if p.max_new_tokens is not None:
         if p.max_new_tokens == 0:
             raise InvalidRequest(f"{prefix}.max_new_tokens", "must be at least 1")
         if p.max_new_tokens > limits.max_context:
@@ -39,15 +54,15 @@ def check_parameters(p: pb.SamplingParameters, limits: Limits, prefix: str = "pa
                 f"{prefix}.max_new_tokens",
                 f"{p.max_new_tokens} is above the model's context of {limits.max_context} tokens",
             )
-    if p.HasField("temperature") and _finite(p.temperature, f"{prefix}.temperature") < 0:
+    if p.temperature is not None and _finite(p.temperature, f"{prefix}.temperature") < 0:
         raise InvalidRequest(f"{prefix}.temperature", "must be >= 0 (0 means greedy)")
-    if p.HasField("top_p"):
+    if p.top_p is not None:
         top_p = _finite(p.top_p, f"{prefix}.top_p")
         if not 0.0 < top_p <= 1.0:
             raise InvalidRequest(f"{prefix}.top_p", "must be in (0, 1]")
-    if p.HasField("repetition_penalty") and _finite(p.repetition_penalty, f"{prefix}.repetition_penalty") <= 0:
+    if p.repetition_penalty is not None and _finite(p.repetition_penalty, f"{prefix}.repetition_penalty") <= 0:
         raise InvalidRequest(f"{prefix}.repetition_penalty", "must be > 0 (1 disables it)")
-    if p.HasField("seed") and p.seed > MAX_SEED:
+    if p.seed is not None and p.seed > MAX_SEED:
         raise InvalidRequest(f"{prefix}.seed", f"must be at most {MAX_SEED}")
     if len(p.stop) > limits.max_stop_strings:
         raise InvalidRequest(f"{prefix}.stop", f"at most {limits.max_stop_strings} stop strings, got {len(p.stop)}")
@@ -56,6 +71,16 @@ def check_parameters(p: pb.SamplingParameters, limits: Limits, prefix: str = "pa
             raise InvalidRequest(f"{prefix}.stop[{i}]", "must not be empty")
         if len(s) > limits.max_stop_chars:
             raise InvalidRequest(f"{prefix}.stop[{i}]", f"longer than {limits.max_stop_chars} characters")
+
+
+def check_request_id(request_id: str, field: str) -> None:
+    if not request_id or len(request_id) > MAX_JOB_ID_CHARS:
+        raise InvalidRequest(field, f"must be 1..{MAX_JOB_ID_CHARS} characters")
+
+
+def check_tenant(tenant: str, field: str) -> None:
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise InvalidRequest(field, f"must be at most {MAX_TENANT_CHARS} characters")
 
 
 def check_prompt_length(num_prompt_tokens: int, limits: Limits, field: str) -> None:
@@ -84,19 +109,19 @@ def check_resume_tokens(resume_token_ids, num_prompt_tokens: int, vocab_size: in
 
 
 def resolve_parameters(
-    p: pb.SamplingParameters, num_prompt_tokens: int, limits: Limits, defaults: GenerationDefaults
+    p: RequestedParameters, num_prompt_tokens: int, limits: Limits, defaults: GenerationDefaults
 ) -> SamplingParams:
     """Apply defaults and clamp max_new_tokens to what fits after the prompt (then LENGTH ends it)."""
     room = limits.max_context - num_prompt_tokens
-    wanted = p.max_new_tokens if p.HasField("max_new_tokens") else limits.default_max_new_tokens
+    wanted = limits.default_max_new_tokens if p.max_new_tokens is None else p.max_new_tokens
     return SamplingParams(
         max_new_tokens=max(1, min(wanted, room)),
-        temperature=p.temperature if p.HasField("temperature") else defaults.temperature,
-        top_p=p.top_p if p.HasField("top_p") else defaults.top_p,
-        top_k=p.top_k if p.HasField("top_k") else defaults.top_k,
-        seed=p.seed if p.HasField("seed") else None,
-        stop=tuple(p.stop),
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else defaults.repetition_penalty,
+        temperature=defaults.temperature if p.temperature is None else p.temperature,
+        top_p=defaults.top_p if p.top_p is None else p.top_p,
+        top_k=defaults.top_k if p.top_k is None else p.top_k,
+        seed=p.seed,
+        stop=p.stop,
+        repetition_penalty=defaults.repetition_penalty if p.repetition_penalty is None else p.repetition_penalty,
         ignore_eos=p.ignore_eos,
     )
 

@@ -1,10 +1,9 @@
 """The supervisor with real worker processes on the tiny model: restart after kill -9, a crash loop that gives up,
-no process left behind when the supervisor stops or is killed, and (once the worker supports them) hang and OOM."""
+no process left behind when the supervisor stops or is killed, a dead or hung rank, and repeated OOM."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -18,13 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.llamagrid.v1 import inference_pb2 as pb
-from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
-from worker.supervisor.supervisor import worker_accepts
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 
 START_TIMEOUT_S = 180.0  # two shared CPU cores: a start is seconds, but never assert speed
-HAS_HEARTBEATS = worker_accepts("--run-dir")
-HAS_TP = worker_accepts("--tp")
-HAS_FAULT_INJECTION = importlib.util.find_spec("worker.faults") is not None and worker_accepts("--inject-fault")
 
 
 def wait_for(predicate, timeout: float = START_TIMEOUT_S, interval: float = 0.1):
@@ -43,6 +39,14 @@ def health(port: int) -> int | None:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
     except grpc.RpcError:
         return None
+
+
+def run_job(port: int, request_id: str, max_new_tokens: int) -> wpb.Finished:
+    """One job through Worker.Run on the replica at port; its Finished."""
+    job = wpb.Job(request_id=request_id, text="hello",
+                  parameters=pb.SamplingParameters(max_new_tokens=max_new_tokens, ignore_eos=True))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return list(wpb_grpc.WorkerStub(ch).Run(job, timeout=60))[-1].finished
 
 
 def group_processes(pgid: int) -> list[str]:
@@ -65,7 +69,7 @@ class Supervised:
                  env: dict[str, str] | None = None, via_cli: bool = False):
         self.port_file = tmp_path / "port"
         self.log_path = tmp_path / "supervisor.log"
-        entry = ["worker.cli", "worker", "--supervise"] if via_cli else ["worker.supervisor"]
+        entry = ["llamagrid", "worker", "--supervise"] if via_cli else ["worker.supervisor"]
         cmd = [sys.executable, "-m", *entry, "--port-file", str(self.port_file), "--backoff-initial", "0.2",
                *options, "--", "--model", str(model_dir), "--port", "0", "--num-threads", "1",
                "--kv-cache-tokens", "1024", "--log-level", "warning", *worker_args]
@@ -141,10 +145,7 @@ def test_kill9_restarts_group_on_same_port(supervise):
     new_pgid = sup.wait_serving(2)
     assert new_pgid != old_pgid and sup.port == port
     assert group_processes(old_pgid) == []  # killed and reaped while the supervisor still runs
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        out = pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(
-            inputs=["hello"], parameters=pb.SamplingParameters(max_new_tokens=4, ignore_eos=True)), timeout=60)
-    assert out.outputs[0].usage.completion_tokens == 4
+    assert run_job(port, "after-restart", 4).usage.completion_tokens == 4
     assert sup.proc.poll() is None
 
 
@@ -182,7 +183,6 @@ def test_crash_loop_gives_up(supervise):
     assert not sup.port_file.exists()
 
 
-@pytest.mark.skipif(not (HAS_TP and HAS_HEARTBEATS), reason="needs the worker's --tp and --run-dir (issue 4)")
 def test_dead_rank_restarts_the_whole_group(supervise):
     sup = supervise(worker_args=["--tp", "2"])
     port = sup.port
@@ -199,7 +199,6 @@ def test_dead_rank_restarts_the_whole_group(supervise):
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.skipif(not HAS_HEARTBEATS, reason="needs the worker's --run-dir heartbeats (TP change of issue 4)")
 def test_hung_rank_is_killed_and_restarted(supervise):
     sup = supervise("--heartbeat-timeout", "3")
     port = sup.port
@@ -213,7 +212,6 @@ def test_hung_rank_is_killed_and_restarted(supervise):
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.skipif(not HAS_FAULT_INJECTION, reason="needs worker.faults and --inject-fault (OOM change of issue 4)")
 def test_repeated_oom_restarts_with_cause_oom(supervise):
     from worker.faults import OOM_EXIT_CODE
 
@@ -221,9 +219,8 @@ def test_repeated_oom_restarts_with_cause_oom(supervise):
                     env={"LLAMAGRID_ALLOW_FAULT_INJECTION": "1"})
     wait_for(lambda: sup.events("group_serving") or sup.events("group_failed"))
     if not sup.events("group_failed"):  # warm-up took steps 1-2: a request reaches step 3
-        with grpc.insecure_channel(f"127.0.0.1:{sup.port}") as ch, contextlib.suppress(grpc.RpcError):
-            pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(
-                inputs=["hello"], parameters=pb.SamplingParameters(max_new_tokens=8, ignore_eos=True)), timeout=60)
+        with contextlib.suppress(grpc.RpcError):
+            run_job(sup.port, "into-the-oom", 8)
     failed = sup.wait_event("group_failed", timeout=60)
     assert (failed["cause"], failed["exit_code"]) == ("oom", OOM_EXIT_CODE), sup.log_tail()
     sup.wait_event("group_started", count=2)

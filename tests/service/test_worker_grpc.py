@@ -1,4 +1,9 @@
-"""The worker over real gRPC: both contracts, streaming, cancellation, health, bad input."""
+"""The worker over real gRPC (llamagrid.worker.v1.Worker): jobs, streaming, chat sessions, cancellation, health,
+bad input.
+
+What the router's public API adds on top (several inputs per request, the Chat session stream, public field names)
+is tested through a router: tests/service/test_router.py, test_isolation.py, test_router_load.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -15,84 +21,139 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 
 SECRET = "zebra quartz marmalade"  # must never appear in the worker's logs
+_ids = iter(range(1_000_000))
 
 
 def params(**kw) -> pb.SamplingParameters:
     return pb.SamplingParameters(**kw)
 
 
+def new_id(prefix: str) -> str:
+    """A request id no other job of this session uses (the worker refuses two in flight with one id)."""
+    return f"{prefix}-{next(_ids)}"
+
+
+def chat(*messages: tuple[str, str]) -> wpb.ChatMessages:
+    return wpb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+
+
+def wait_for(predicate, what: str, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+class Ran:
+    """One job's events as the caller sees them: its deltas, the tokens that rode with its end, its Finished."""
+
+    def __init__(self, events: list[wpb.WorkerEvent]):
+        assert events and events[-1].HasField("finished") and all(e.HasField("delta") for e in events[:-1])
+        self.events = events
+        self.finished = events[-1].finished
+        self.deltas = [e.delta for e in events[:-1]]
+        if self.finished.HasField("last_delta"):
+            self.deltas.append(self.finished.last_delta)
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+
+def run(internal, timeout: float = 120, **job) -> Ran:
+    """Worker.Run of one job (request_id defaults to a fresh one)."""
+    job.setdefault("request_id", new_id("run"))
+    return Ran(list(internal.Run(wpb.Job(**job), timeout=timeout)))
+
+
+def generate(internal, timeout: float = 120, **job) -> Ran:
+    """The same job over the bidirectional Worker.Generate."""
+    job.setdefault("request_id", new_id("gen"))
+    return Ran(list(internal.Generate(iter([wpb.WorkerRequest(job=wpb.Job(**job))]), timeout=timeout)))
+
+
+def run_together(internal, jobs: list[dict]) -> list[Ran]:
+    """Every job at once (so they batch), each over its own Worker.Run call."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: run(internal, **job), jobs))
+
+
 def test_health_serving(channel):
     resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    worker = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
+        service="llamagrid.worker.v1.Worker"))
+    assert worker.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_generate_many_inputs(inference):
-    req = pb.GenerateRequest(inputs=["Hello there", SECRET, "é ü 中文 🙂"],
-                             parameters=params(max_new_tokens=12, temperature=0.0, ignore_eos=True))
-    resp = inference.Generate(req, timeout=60)
-    assert len(resp.outputs) == 3
-    for out in resp.outputs:
-        assert out.finish_reason == pb.LENGTH
-        assert out.usage.completion_tokens == 12 == len(out.token_ids)
-        assert out.usage.prompt_tokens > 1
+def test_the_public_api_is_not_served(channel):
+    """The router is the only public entry: a worker answers llamagrid.v1.Inference with UNIMPLEMENTED."""
+    call = channel.unary_unary("/llamagrid.v1.Inference/ListModels",
+                               request_serializer=pb.ListModelsRequest.SerializeToString,
+                               response_deserializer=pb.ListModelsResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        call(pb.ListModelsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    health = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="llamagrid.v1.Inference"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_generate_stream_matches_unary(inference):
-    req = pb.GenerateRequest(inputs=["The weather today", "Once upon a time"],
-                             parameters=params(max_new_tokens=16, temperature=0.0, ignore_eos=True))
-    unary = inference.Generate(req, timeout=60)
-    texts, ids, finals = {0: "", 1: ""}, {0: [], 1: []}, {}
-    for chunk in inference.GenerateStream(req, timeout=60):
-        texts[chunk.index] += chunk.text
-        ids[chunk.index] += list(chunk.token_ids)
-        if chunk.finish_reason:
-            finals[chunk.index] = chunk
-    for i, out in enumerate(unary.outputs):
-        assert texts[i] == out.text
-        assert ids[i] == list(out.token_ids)
-        assert finals[i].finish_reason == pb.LENGTH
-        assert finals[i].usage.completion_tokens == 16
+def test_jobs_at_once_each_run_to_length(internal):
+    p = params(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    results = run_together(internal, [dict(text=t, parameters=p) for t in ("Hello there", SECRET, "é ü 中文 🙂")])
+    for r in results:
+        assert r.finished.finish_reason == pb.LENGTH
+        assert r.finished.usage.completion_tokens == 12 == len(r.token_ids)
+        assert r.finished.usage.prompt_tokens > 1
 
 
-def test_an_inputs_last_tokens_ride_with_its_end(inference, internal):
-    """Tokens produced in the step that ends a job come in the message that ends it (one message less): the
-    public stream's last chunk; Worker.Run's Finished.last_delta."""
+def test_generate_streams_what_run_streams_for_jobs_batched_together(internal):
+    p = params(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    texts = ["The weather today", "Once upon a time"]
+    ran = run_together(internal, [dict(text=t, parameters=p) for t in texts])
+    with ThreadPoolExecutor(2) as pool:
+        streamed = list(pool.map(lambda t: generate(internal, text=t, parameters=p), texts))
+    for a, b in zip(ran, streamed, strict=True):
+        assert a.text == b.text and a.token_ids == b.token_ids
+        assert b.finished.finish_reason == pb.LENGTH and b.finished.usage.completion_tokens == 16
+
+
+def test_a_jobs_last_tokens_ride_with_its_end(internal):
+    """Tokens produced in the step that ends a job come in the message that ends it (one message less):
+    Finished.last_delta."""
     p = params(max_new_tokens=3, temperature=0.0, ignore_eos=True)
-    chunks = list(inference.GenerateStream(pb.GenerateRequest(inputs=["The weather today"], parameters=p), timeout=60))
-    # one token per step; steps a slow reader has not taken yet are merged into one chunk (so up to 3 chunks),
-    # and the last step's token comes in the chunk with finish_reason and usage, never after it
-    assert 1 <= len(chunks) <= 3 and all(c.token_ids for c in chunks)
-    assert [c.finish_reason for c in chunks] == [0] * (len(chunks) - 1) + [pb.LENGTH]
-    assert chunks[-1].usage.completion_tokens == 3
-    expected = [t for c in chunks for t in c.token_ids]
-    assert len(expected) == 3
-    job = wpb.Job(request_id="last-delta", text="The weather today", parameters=p)
-    events = list(internal.Run(job, timeout=60))
-    deltas = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
-    fin = events[-1].finished
-    assert fin.HasField("last_delta")
-    assert deltas + list(fin.last_delta.token_ids) == expected
-    # the end carries the last step's token; no message of its own for it
-    assert fin.last_delta.token_ids and len(events) <= 3
+    ran = run(internal, text="The weather today", parameters=p)
+    # one token per step; steps a slow reader has not taken yet are merged into one delta (so up to 3 messages),
+    # and the last step's token comes in the Finished message, never after it
+    assert 1 <= len(ran.events) <= 3 and all(e.delta.token_ids for e in ran.events[:-1])
+    assert ran.finished.finish_reason == pb.LENGTH and ran.finished.usage.completion_tokens == 3
+    assert ran.finished.HasField("last_delta") and ran.finished.last_delta.token_ids
+    assert len(ran.token_ids) == 3
+    assert generate(internal, text="The weather today", parameters=p).token_ids == ran.token_ids
 
 
-def test_seeded_sampling_reproducible(inference):
+def test_seeded_sampling_reproducible(internal):
     p = params(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
-    a = inference.Generate(pb.GenerateRequest(inputs=["Tell me a story"], parameters=p), timeout=60)
-    b = inference.Generate(pb.GenerateRequest(inputs=["Other prompt", "Tell me a story", "x y z"], parameters=p),
-                           timeout=60)
-    assert list(a.outputs[0].token_ids) == list(b.outputs[1].token_ids)
+    alone = run(internal, text="Tell me a story", parameters=p)
+    batched = run_together(internal, [dict(text=t, parameters=p) for t in ("Other prompt", "Tell me a story",
+                                                                            "x y z")])
+    assert batched[1].token_ids == alone.token_ids
 
 
-def test_context_clamp_reports_length(internal, channel):
+def test_context_clamp_reports_length(internal):
     info = internal.Info(wpb.InfoRequest())
     prompt = [1] + [100] * (info.max_context - 2)
-    job = wpb.Job(request_id="clamp", token_ids=wpb.TokenIds(ids=prompt), parameters=params(max_new_tokens=50))
-    events = list(internal.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=120))
-    final = events[-1].finished
-    assert final.finish_reason == pb.LENGTH
-    assert final.usage.completion_tokens == 1
-    assert final.usage.prompt_tokens == info.max_context - 1
+    ran = generate(internal, token_ids=wpb.TokenIds(ids=prompt), parameters=params(max_new_tokens=50))
+    assert ran.finished.finish_reason == pb.LENGTH
+    assert ran.finished.usage.completion_tokens == 1
+    assert ran.finished.usage.prompt_tokens == info.max_context - 1
 
 
 def test_worker_run_streams_what_generate_streams(internal):
@@ -137,48 +198,38 @@ def test_worker_generate_cancel(internal):
     requests.put(None)
 
 
-def test_client_cancellation_frees_blocks(inference, internal):
-    req = pb.GenerateRequest(inputs=["a long one"] * 3, parameters=params(max_new_tokens=3000, ignore_eos=True))
-    call = inference.GenerateStream(req, timeout=120)
-    for i, _ in enumerate(call):
+def _idle(internal) -> wpb.LoadResponse | None:
+    load = internal.Load(wpb.LoadRequest())
+    idle = load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
+    return load if idle else None
+
+
+def test_client_cancellation_frees_blocks(internal):
+    p = params(max_new_tokens=3000, ignore_eos=True)
+    calls = [internal.Run(wpb.Job(request_id=new_id("cancel"), text="a long one", parameters=p), timeout=120)
+             for _ in range(3)]
+    for i, _ in enumerate(calls[0]):
         if i == 10:
-            call.cancel()
             break
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        load = internal.Load(wpb.LoadRequest())
-        if load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks:
-            break
-        time.sleep(0.05)
+    for call in calls:
+        call.cancel()
+    load = wait_for(lambda: _idle(internal), "every cancelled job's blocks to be free")
     assert load.num_running == 0 and load.num_waiting == 0
     assert load.num_free_blocks == load.num_total_blocks
 
 
-def test_chat_two_turns_reuse_history(inference):
-    requests: queue.Queue = queue.Queue()
-
-    def gen():
-        while (item := requests.get()) is not None:
-            yield item
-
-    turn1 = pb.ChatTurn(messages=[pb.ChatMessage(role="system", content="Be brief."),
-                                  pb.ChatMessage(role="user", content="Hi!")],
-                        parameters=params(max_new_tokens=8, temperature=0.0, ignore_eos=True))
-    requests.put(pb.ChatRequest(turn=turn1))
-    ends, texts = [], [""]
-    for ev in inference.Chat(gen(), timeout=120):
-        if ev.HasField("delta"):
-            texts[-1] += ev.delta.text
-            continue
-        ends.append(ev.end)
-        if len(ends) == 2:
-            break
-        texts.append("")
-        requests.put(pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="Again?")],
-                                                     parameters=params(max_new_tokens=4, ignore_eos=True))))
-    requests.put(None)
+def test_chat_turns_reuse_history(internal):
+    """A session's second turn: the first turn's prompt, reply and </s> (Finished.history_token_ids) then the new
+    [INST] block, with every full block of turn one's prompt and reply served from the prefix cache."""
+    turn1 = run(internal, chat=chat(("system", "Be brief."), ("user", "Hi!")),
+                parameters=params(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    history = list(turn1.finished.history_token_ids)
+    turn2 = run(internal, chat=chat(("user", "Again?")), history_token_ids=history,
+                parameters=params(max_new_tokens=4, ignore_eos=True))
+    ends = [turn1.finished, turn2.finished]
     assert ends[0].finish_reason == pb.LENGTH and ends[0].usage.completion_tokens == 8
     assert ends[1].finish_reason == pb.LENGTH and ends[1].usage.completion_tokens == 4
+    assert len(history) == ends[0].usage.prompt_tokens + 8 + 1
     # turn two's prompt is turn one's prompt + reply + </s> + the new [INST] block
     assert ends[1].usage.prompt_tokens > ends[0].usage.prompt_tokens + 8 + 1
     # ... and its KV cache is reused: every full block of turn one's prompt + reply
@@ -187,79 +238,76 @@ def test_chat_two_turns_reuse_history(inference):
     assert ends[1].usage.cached_prompt_tokens > 0
 
 
-def test_chat_cancel_turn_keeps_session(inference):
+def test_a_cancelled_chat_turn_still_gives_the_history_to_go_on_with(internal):
     requests: queue.Queue = queue.Queue()
 
     def gen():
         while (item := requests.get()) is not None:
             yield item
 
-    requests.put(pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="Go on forever")],
-                                                 parameters=params(max_new_tokens=3000, ignore_eos=True))))
-    call = inference.Chat(gen(), timeout=120)
-    ends, deltas = [], 0
-    for ev in call:
+    job = wpb.Job(request_id=new_id("chat-cancel"), chat=chat(("user", "Go on forever")),
+                  parameters=params(max_new_tokens=3000, ignore_eos=True))
+    requests.put(wpb.WorkerRequest(job=job))
+    deltas, first = 0, None
+    for ev in internal.Generate(gen(), timeout=120):
         if ev.HasField("delta"):
             deltas += 1
-            if deltas == 3 and not ends:
-                requests.put(pb.ChatRequest(cancel=pb.CancelTurn()))
-            continue
-        ends.append(ev.end)
-        if len(ends) == 1:
-            requests.put(pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="Short")],
-                                                         parameters=params(max_new_tokens=3))))
+            if deltas == 3:
+                requests.put(wpb.WorkerRequest(cancel=wpb.Cancel()))
         else:
-            break
+            first = ev.finished
     requests.put(None)
-    assert ends[0].finish_reason == pb.CANCELLED
-    assert ends[1].finish_reason in (pb.LENGTH, pb.EOS)
+    assert first.finish_reason == pb.CANCELLED
+    assert len(first.history_token_ids) == first.usage.prompt_tokens + first.usage.completion_tokens + 1
+    second = run(internal, chat=chat(("user", "Short")), history_token_ids=first.history_token_ids,
+                 parameters=params(max_new_tokens=3))
+    assert second.finished.finish_reason in (pb.LENGTH, pb.EOS)
 
 
-def test_count_tokens_and_list_models(inference):
-    text = inference.CountTokens(pb.CountTokensRequest(text="Hello world"))
+def test_count_tokens_and_info(internal):
+    text = internal.CountTokens(pb.CountTokensRequest(text="Hello world"))
     assert text.count >= 2 and text.max_context > 0
-    chat = inference.CountTokens(pb.CountTokensRequest(chat=pb.ChatTurn(messages=[
+    chat_count = internal.CountTokens(pb.CountTokensRequest(chat=pb.ChatTurn(messages=[
         pb.ChatMessage(role="user", content="Hello world")])))
-    assert chat.count > text.count  # [INST] markers
-    models = inference.ListModels(pb.ListModelsRequest())
-    assert len(models.models) == 1 and models.models[0].max_context == text.max_context
+    assert chat_count.count > text.count  # [INST] markers
+    info = internal.Info(wpb.InfoRequest())
+    assert info.model and info.max_context == text.max_context
 
 
-BAD_GENERATE = [
-    (dict(inputs=[""]), "inputs[0]"),
-    (dict(inputs=[]), "inputs"),
-    (dict(inputs=["ok"], parameters=params(temperature=-0.5)), "parameters.temperature"),
-    (dict(inputs=["ok"], parameters=params(temperature=math.nan)), "parameters.temperature"),
-    (dict(inputs=["ok"], parameters=params(top_p=0.0)), "parameters.top_p"),
-    (dict(inputs=["ok"], parameters=params(top_p=1.5)), "parameters.top_p"),
-    (dict(inputs=["ok"], parameters=params(max_new_tokens=0)), "parameters.max_new_tokens"),
-    (dict(inputs=["ok"], parameters=params(max_new_tokens=10**6)), "parameters.max_new_tokens"),
-    (dict(inputs=["ok"], parameters=params(repetition_penalty=0.0)), "parameters.repetition_penalty"),
-    (dict(inputs=["ok"], parameters=params(repetition_penalty=-1.0)), "parameters.repetition_penalty"),
-    (dict(inputs=["ok"], parameters=params(stop=[f"s{i}" for i in range(17)])), "parameters.stop"),
-    (dict(inputs=["ok", "x" * 200_000]), "inputs[1]"),
+BAD_JOBS = [
+    (dict(text=""), "job.text"),
+    (dict(text="ok", parameters=params(temperature=-0.5)), "job.parameters.temperature"),
+    (dict(text="ok", parameters=params(temperature=math.nan)), "job.parameters.temperature"),
+    (dict(text="ok", parameters=params(top_p=0.0)), "job.parameters.top_p"),
+    (dict(text="ok", parameters=params(top_p=1.5)), "job.parameters.top_p"),
+    (dict(text="ok", parameters=params(max_new_tokens=0)), "job.parameters.max_new_tokens"),
+    (dict(text="ok", parameters=params(max_new_tokens=10**6)), "job.parameters.max_new_tokens"),
+    (dict(text="ok", parameters=params(repetition_penalty=0.0)), "job.parameters.repetition_penalty"),
+    (dict(text="ok", parameters=params(repetition_penalty=-1.0)), "job.parameters.repetition_penalty"),
+    (dict(text="ok", parameters=params(stop=[f"s{i}" for i in range(17)])), "job.parameters.stop"),
+    (dict(text="x" * 200_000), "job.text"),
+    (dict(text="ok", request_id=""), "job.request_id"),
 ]
 # top_k < 0 cannot be expressed on the wire: the field is a uint32.
 
 
-def test_bad_input_gets_invalid_argument_and_disturbs_nothing(inference, internal):
-    background = pb.GenerateRequest(inputs=["steady"], parameters=params(max_new_tokens=60, temperature=0.0,
-                                                                          ignore_eos=True))
-    expected = inference.Generate(background, timeout=60).outputs[0]
-    results: list = []
-    t = threading.Thread(target=lambda: results.append(inference.Generate(background, timeout=120)))
+def test_bad_input_gets_invalid_argument_and_disturbs_nothing(internal):
+    background = dict(text="steady", parameters=params(max_new_tokens=60, temperature=0.0, ignore_eos=True))
+    expected = run(internal, **background)
+    results: list[Ran] = []
+    t = threading.Thread(target=lambda: results.append(run(internal, **background)))
     t.start()
-    for fields, name in BAD_GENERATE:
-        for method in (inference.Generate, lambda r, **kw: list(inference.GenerateStream(r, **kw))):
+    for fields, name in BAD_JOBS:
+        for method in (run, generate):
             with pytest.raises(grpc.RpcError) as err:
-                method(pb.GenerateRequest(**fields), timeout=30)
+                method(internal, timeout=30, **{"request_id": new_id("bad"), **fields})
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
             assert name in err.value.details(), (name, err.value.details())
     t.join(120)
-    assert list(results[0].outputs[0].token_ids) == list(expected.token_ids)
+    assert results[0].token_ids == expected.token_ids
 
 
-def test_prompt_over_context_names_both_counts(inference, internal):
+def test_prompt_over_context_names_both_counts(internal):
     info = internal.Info(wpb.InfoRequest())
     job = wpb.Job(request_id="too-long", token_ids=wpb.TokenIds(ids=[5] * info.max_context))
     with pytest.raises(grpc.RpcError) as err:
@@ -319,29 +367,32 @@ def test_bad_resume_tokens_get_invalid_argument(internal):
 @pytest.mark.parametrize(
     "messages, field",
     [
-        ([("robot", "hi")], "messages[0].role"),
-        ([("user", "hi"), ("system", "late")], "messages[1]"),
-        ([("user", "x" * 200_000)], "messages[0]"),
-        ([("assistant", "hi")], "messages"),
+        ([("robot", "hi")], "job.chat.messages[0].role"),
+        ([("user", "hi"), ("system", "late")], "job.chat.messages[1]"),
+        ([("user", "x" * 200_000)], "job.chat.messages[0]"),
+        ([("assistant", "hi")], "job.chat.messages"),
     ],
 )
-def test_bad_chat_turn(inference, messages, field):
-    turn = pb.ChatTurn(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+def test_bad_chat_job(internal, messages, field):
     with pytest.raises(grpc.RpcError) as err:
-        list(inference.Chat(iter([pb.ChatRequest(turn=turn)]), timeout=30))
+        run(internal, timeout=30, chat=chat(*messages))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.value.details(), err.value.details()
 
 
-def test_unknown_model_not_found(inference):
+def test_unknown_model_not_found(internal):
     with pytest.raises(grpc.RpcError) as err:
-        inference.Generate(pb.GenerateRequest(model="llama-9000", inputs=["hi"]), timeout=30)
+        run(internal, timeout=30, model="llama-9000", text="hi")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_logs_hold_no_user_text(inference, worker_log):
-    inference.Generate(pb.GenerateRequest(inputs=[SECRET], parameters=params(max_new_tokens=4)), timeout=60)
-    time.sleep(0.2)
-    logs = worker_log.read_text()
-    assert "request_finished" in logs
+def test_logs_hold_no_user_text(internal, worker_log):
+    request_id = new_id("secret")
+    run(internal, request_id=request_id, text=SECRET, parameters=params(max_new_tokens=4))
+
+    def finished_logged() -> str | None:
+        text = worker_log.read_text()
+        return text if any(request_id in line and "request_finished" in line for line in text.splitlines()) else None
+
+    logs = wait_for(finished_logged, "the job's request_finished line")
     assert SECRET not in logs and "zebra" not in logs
