@@ -112,7 +112,7 @@ def test_stale_ranks_counts_a_missing_file_from_serving(tmp_path):
 def test_llamagrid_worker_dispatch(monkeypatch):
     import worker.__main__
     import worker.supervisor.__main__
-    from worker.cli import main
+    from llamagrid.cli import main
 
     calls = []
     monkeypatch.setattr(worker.__main__, "main", lambda argv: calls.append(("worker", argv)) or 0)
