@@ -1,10 +1,12 @@
-"""Shared fixtures: generated tiny checkpoints, in-process workers, a real worker process."""
+"""Fixtures of every test package: generated tiny checkpoints and a redis-server per module."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from ratelimit.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,11 @@ def tiny_rope_model_dir(tmp_path_factory) -> Path:
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-rope") / "tiny-rope", seed=2,
                            rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on a free port for the module (it starts in milliseconds): routers of one module share
+    its key store, buckets and router registry with no other module."""
+    with RedisServer() as server:
+        yield server

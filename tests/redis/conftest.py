@@ -1,4 +1,4 @@
-"""A real redis-server for the session, flushed before each test, and a runner for async test bodies."""
+"""A runner for async limiter test bodies on the module's real redis-server (tests/conftest.py), flushed first."""
 
 from __future__ import annotations
 
@@ -8,13 +8,6 @@ import pytest
 import redis
 
 from ratelimit.limiter import RateLimiter, connect
-from ratelimit.redis_server import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -1,0 +1,70 @@
+"""Real worker processes on a tiny model, started in parallel, with their JSON stderr in files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.launch import WorkerProcess, start_worker
+
+
+@dataclass
+class RealWorker:
+    process: WorkerProcess
+    log_path: Path
+    metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return self.process.address
+
+    @property
+    def proc(self):
+        return self.process.proc
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """Its stderr's JSON objects (all, or those of event `name`); lines cut short or not JSON are skipped."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and (name is None or event.get("event") == name):
+                    out.append(event)
+        return out
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+def start_real_workers(model_dir: Path, logs: list[Path], *args: str, env: dict[str, str] | None = None,
+                       metrics_ports: list[int] | None = None) -> list[RealWorker]:
+    """One `python -m worker --model model_dir *args` per log path (stderr there), started in parallel; with
+    `metrics_ports`, worker i serves /metrics on metrics_ports[i]."""
+
+    def start(i: int) -> RealWorker:
+        extra = ("--metrics-port", str(metrics_ports[i])) if metrics_ports else ()
+        with open(logs[i], "ab") as log:
+            proc = start_worker(model_dir, *args, *extra, env=env, stderr=log)
+        return RealWorker(proc, logs[i], metrics_ports[i] if metrics_ports else None)
+
+    with ThreadPoolExecutor(len(logs)) as ex:
+        futures = [ex.submit(start, i) for i in range(len(logs))]
+    started, errors = [], []
+    for f in futures:
+        try:
+            started.append(f.result())
+        except Exception as exc:  # stop the ones that did start before reporting
+            errors.append(exc)
+    if errors:
+        for w in started:
+            w.stop()
+        raise errors[0]
+    return started
+
+
+def start_workers(model_dir: Path, logs: list[Path], *args: str) -> list[WorkerProcess]:
+    """start_real_workers, as bare WorkerProcess handles."""
+    return [w.process for w in start_real_workers(model_dir, logs, *args)]
