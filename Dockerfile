@@ -19,13 +19,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     LLAMAGRID_HOME=/models
 
-# torch first and pinned, from the chosen index: `pip install .` then finds torch>=2.4 satisfied and pulls no other.
+# torch first and pinned, from the chosen index: `pip install .[server]` then finds torch>=2.4 satisfied and pulls
+# no other.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /src
 # .dockerignore lets in only the packaging files, the Python packages and the health probe.
 COPY . ./
-RUN pip install . \
+RUN pip install ".[server]" \
     && install -m 0755 compose/healthcheck.py /usr/local/bin/llamagrid-healthcheck \
     && llamagrid --help > /dev/null \
     && useradd --uid 10001 --create-home --shell /usr/sbin/nologin llamagrid \

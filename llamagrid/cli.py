@@ -1,179 +1,86 @@
-"""`llamagrid generate` and `llamagrid chat`: terminal clients of a router (or a worker) over llamagrid.client."""
+"""The `llamagrid` command: make-tiny-model, worker, keys, up (a whole local cluster with a streamed demo), and the
+clients generate and chat.
+
+Importing this module, parsing and --help need only the client's dependencies (grpcio, the stubs). The server
+commands import their modules when they run; without the server dependencies they exit 2 and say what to install.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
-import threading
+from collections.abc import Callable
 
-from llamagrid.client import ADDRESS_ENV, API_KEY_ENV, DEFAULT_ADDRESS, Client, LlamagridError, TurnEnd
+from llamagrid import server_commands
+from llamagrid.client_commands import add_client_parsers
 
-
-def _add_connection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection")
-    g.add_argument("--address", default=None,
-                   help=f"host:port of the router (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})")
-    g.add_argument("--api-key", default=None, help=f"API key (default ${API_KEY_ENV})")
-    g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-root-cert)")
-    g.add_argument("--tls-root-cert", default=None, help="PEM file of root certificates to trust (implies --tls)")
-    g.add_argument("--timeout", type=float, default=None,
-                   help="deadline in seconds, retries included (generate: default 300; chat: none)")
-    g.add_argument("--model", default="", help="model name (default: the server's default model)")
+# the extra that brings each server command's dependencies
+EXTRA_OF_COMMAND = {"make-tiny-model": "server", "worker": "server", "up": "server", "keys": "router"}
+# a missing module of these is a broken install or a bug, never a missing extra
+OWN_PACKAGES = {"llamagrid", "protos", "common", "ratelimit", "router", "worker"}
+# commands whose arguments are parsed by the server module they run, so their parsers are built only there
+PASSTHROUGH = {"worker": server_commands.worker, "keys": server_commands.keys}
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, default_max_new_tokens: int | None) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--ignore-eos", action="store_true", default=None)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamagrid", description="llamagrid: serve Llama-2 chat models over gRPC")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny-model", help="write a small random Llama-2-format checkpoint")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=None)
+    t.add_argument("--intermediate-size", type=int, default=176)
+    t.add_argument("--vocab-size", type=int, default=None)
+    t.set_defaults(func=server_commands.make_tiny_model)
+
+    # worker and keys are listed for --help only: main() hands them their argv before this parser sees it
+    sub.add_parser("worker", add_help=False,
+                   help="run one worker (same flags as python -m worker); with --supervise, restart it on failure "
+                        "(llamagrid worker --supervise [supervisor options] -- <worker flags>)")
+
+    u = sub.add_parser("up", help="a local cluster: embedded Redis, supervised worker replicas, a router, a demo key "
+                                  "and a demo chat through the router; Ctrl-C stops it all")
+    u.add_argument("--model", default=None, help="checkpoint directory (default: the generated tiny model)")
+    u.add_argument("--replicas", type=int, default=2, help="worker replicas, each under its supervisor")
+    u.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    u.add_argument("--port", type=int, default=50051, help="the router's port (0 picks a free one)")
+    u.add_argument("--demo-only", action="store_true", help="exit after the demo")
+    u.add_argument("--log-level", default="info", help="log level of every process (JSON lines in the run dir)")
+    u.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="serve no Prometheus /metrics (default: every process serves one on a free loopback port)")
+    u.set_defaults(func=server_commands.up)
+
+    sub.add_parser("keys", add_help=False, help="create, list or revoke router API keys")
+
+    add_client_parsers(sub)
+    return p
 
 
-def _params(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                                                   "repetition_penalty", "ignore_eos")}
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        return _run_server_command(argv[0], lambda: PASSTHROUGH[argv[0]](argv[1:]))
+    args = build_parser().parse_args(argv)
+    if args.command in EXTRA_OF_COMMAND:
+        return _run_server_command(args.command, lambda: args.func(args))
+    return args.func(args)
 
 
-def _client(args: argparse.Namespace, timeout: float | None) -> Client:
-    return Client(args.address, api_key=args.api_key, tls=args.tls, root_certificates=args.tls_root_cert,
-                  timeout=args.timeout if args.timeout is not None else timeout, model=args.model)
-
-
-def _fail(command: str, error: LlamagridError) -> int:
-    print(f"\nllamagrid {command}: {error.code.name}: {error.details}", file=sys.stderr)
-    return 1
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Stream the completion to stdout; with --json, print one JSON object when it is done."""
+def _run_server_command(command: str, run: Callable[[], int]) -> int:
     try:
-        with _client(args, 300.0) as client:
-            if args.json:
-                c = client.generate(args.prompt, **_params(args))
-                print(json.dumps({"text": c.text, "num_tokens": len(c.token_ids), "token_ids": list(c.token_ids),
-                                  "finish_reason": c.finish_reason,
-                                  "usage": {"prompt_tokens": c.usage.prompt_tokens,
-                                            "completion_tokens": c.usage.completion_tokens,
-                                            "cached_prompt_tokens": c.usage.cached_prompt_tokens}}))
-                return 0
-            last = None
-            for chunk in client.generate_stream(args.prompt, **_params(args)):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-                if chunk.finish_reason:
-                    last = chunk
-            sys.stdout.write("\n")
-            if last is not None and args.verbose:
-                print(f"[finish={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
-                      f"completion_tokens={last.usage.completion_tokens}]", file=sys.stderr)
-            return 0
-    except LlamagridError as e:
-        return _fail("generate", e)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        return run()
+    except ImportError as e:
+        missing = (e.name or "").partition(".")[0]
+        if not missing or missing in OWN_PACKAGES:
+            raise
+        print(f"llamagrid {command}: needs the {EXTRA_OF_COMMAND[command]} dependencies ({missing} is not "
+              f"installed): pip install 'llamagrid[{EXTRA_OF_COMMAND[command]}]'", file=sys.stderr)
+        return 2
 
 
-def _read_line(interactive: bool) -> str | None:
-    """The next line of input (None at EOF); the prompt is shown only on a terminal."""
-    if interactive:
-        try:
-            return input("> ")
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    """Read a line, stream the reply, repeat. Ctrl-C during a reply cancels it (the session goes on); Ctrl-C at the
-    prompt, or end of input, exits."""
-    interactive = sys.stdin.isatty()
-    try:
-        client = _client(args, None)
-    except LlamagridError as e:
-        return _fail("chat", e)
-    with client, client.chat(system=args.system, **_params(args)) as session:
-        while True:
-            try:
-                line = _read_line(interactive)
-            except KeyboardInterrupt:
-                print()
-                return 0
-            if line is None:
-                if interactive:
-                    print()
-                return 0
-            if not line.strip():
-                continue
-            try:
-                turn = session.send(line)
-                end = _stream_reply(turn)
-            except LlamagridError as e:
-                _fail("chat", e)
-                # at a terminal, a failed turn (e.g. rate limited) leaves the session open for the next line
-                if not interactive or e.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"):
-                    return 1
-                continue
-            except KeyboardInterrupt:  # a second Ctrl-C while the cancelled reply drains
-                print()
-                return 130
-            if end.finish_reason == "CANCELLED":
-                print("[cancelled]", flush=True)
-            if args.verbose:
-                print(f"[finish={end.finish_reason} prompt_tokens={end.usage.prompt_tokens} "
-                      f"completion_tokens={end.usage.completion_tokens} "
-                      f"cached_prompt_tokens={end.usage.cached_prompt_tokens}]", file=sys.stderr)
-
-
-def _stream_reply(turn) -> TurnEnd:
-    """Print the reply as it streams. A first Ctrl-C sends CancelTurn (the reply then ends CANCELLED and the session
-    goes on); a second one raises KeyboardInterrupt. A signal handler, not KeyboardInterrupt, does the cancelling,
-    so no event is lost to an exception raised half-way through reading it."""
-    interrupts = 0
-
-    def on_sigint(signum, frame):
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts > 1:
-            raise KeyboardInterrupt
-        turn.cancel()
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
-    try:
-        for event in turn:
-            if isinstance(event, TurnEnd):
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-                return event
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        raise AssertionError("unreachable: a turn ends with TurnEnd")
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-
-
-def add_client_parsers(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="one-shot completion of a prompt through the router (streams to stdout)")
-    g.add_argument("prompt")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, num_tokens, token_ids, finish_reason, usage) instead")
-    g.add_argument("-v", "--verbose", action="store_true", help="finish reason and usage on stderr")
-    _add_sampling_args(g, default_max_new_tokens=None)
-    _add_connection_args(g)
-    g.set_defaults(func=cmd_generate)
-
-    c = sub.add_parser("chat", help="interactive multi-turn chat through the router (Ctrl-C cancels a reply)")
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("-v", "--verbose", action="store_true", help="finish reason and usage of each reply on stderr")
-    _add_sampling_args(c, default_max_new_tokens=None)
-    _add_connection_args(c)
-    c.set_defaults(func=cmd_chat)
+if __name__ == "__main__":
+    sys.exit(main())

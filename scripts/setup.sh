@@ -9,4 +9,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch first (pinned): an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==${LLAMAGRID_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+.venv/bin/python -m pip install --quiet -e '.[server,dev]'

@@ -25,7 +25,7 @@ def _metrics_urls(stdout: str) -> dict[str, str]:
 
 def test_up_demo_only(tmp_path):
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "up", "--demo-only", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "starting 2 supervised worker replica(s) of tiny-llama-2-chat" in proc.stdout
@@ -44,7 +44,7 @@ def test_up_serves_metrics_until_ctrl_c(tmp_path):
     """`llamagrid up` (no --demo-only): while it serves, the printed router /metrics has counted the demo chat and
     the workers' and supervisors' endpoints answer; Ctrl-C (SIGINT) then stops everything with status 0."""
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "llamagrid", "up", "--port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -112,14 +112,24 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_make_tiny_model_command(tmp_path):
     out = tmp_path / "m"
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "make-tiny-model", str(out), "--seed", "3",
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "make-tiny-model", str(out), "--seed", "3",
                            "--layers", "1", "--kv-heads", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
 
 
 def test_up_metrics_switch():
-    from worker.cli import build_parser
+    from llamagrid.cli import build_parser
 
     assert build_parser().parse_args(["up"]).metrics is True
     assert build_parser().parse_args(["up", "--no-metrics"]).metrics is False
+
+
+def test_the_llamagrid_script_and_python_m_llamagrid_run_llamagrid_cli():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"llamagrid": "llamagrid.cli:main"}
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--demo-only" in proc.stdout, proc.stderr

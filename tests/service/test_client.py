@@ -388,9 +388,11 @@ def test_retry_policy_and_error_parsing():
 # ------------------------------------------------------------------------------------------------ CLI and example
 
 
-def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, **kwargs)
+def _cli(*args: str, client_only: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """`llamagrid ARGS`; client_only: with every server-only package unimportable (tests/client_only.py)."""
+    entry = ["-m", "tests.client_only", "llamagrid"] if client_only else ["-m", "llamagrid"]
+    return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          **kwargs)
 
 
 def test_cli_generate_json(router, keys):
@@ -411,6 +413,16 @@ def test_cli_generate_streams_text_with_env_defaults(router, keys):
     assert proc.stdout == expected + "\n"
 
 
+def test_cli_generate_from_a_client_only_install(router, keys):
+    """No torch, transformers, redis, structlog, prometheus_client... importable: the same text as the library's."""
+    proc = _cli("generate", "hello there", "--max-new-tokens", "6", "--temperature", "0", "--ignore-eos",
+                "--address", router, "--api-key", keys["k"], client_only=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Client(router, api_key=keys["k"]) as c:
+        expected = c.generate("hello there", max_new_tokens=6, temperature=0.0, ignore_eos=True).text
+    assert proc.stdout == expected + "\n"
+
+
 def test_cli_chat_two_lines_then_eof(router, keys):
     proc = _cli("chat", "--system", "You are terse.", "--max-new-tokens", "4", "--temperature", "0", "-v",
                 "--address", router, "--api-key", keys["k"], input="hi\nhow are you\n")
@@ -420,7 +432,7 @@ def test_cli_chat_two_lines_then_eof(router, keys):
 
 
 def test_cli_chat_sigint_cancels_the_reply_not_the_session(router, keys):
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "chat", "--max-new-tokens", "1500",
+    proc = subprocess.Popen([sys.executable, "-m", "llamagrid", "chat", "--max-new-tokens", "1500",
                              "--temperature", "0", "--ignore-eos", "-v", "--address", router, "--api-key", keys["k"]],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:

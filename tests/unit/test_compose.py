@@ -27,9 +27,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llamagrid.cli import build_parser as cli_parser
 from router.config import build_parser as router_parser
 from router.config import config_from_args as router_config
-from worker.cli import build_parser as cli_parser
 from worker.config import build_parser as worker_parser
 from worker.config import config_from_args as worker_config
 from worker.supervisor.__main__ import build_parser as supervisor_parser
@@ -140,7 +140,7 @@ def mapped(args: list[str], paths: dict[str, Path]) -> list[str]:
 
 def parse_worker(argv: list[str]):
     """`llamagrid worker --supervise [supervisor options] -- <worker args>` -> (supervisor ns, worker args), checked
-    the way worker.cli and the supervisor check them at start-up."""
+    the way llamagrid.cli and the supervisor check them at start-up."""
     assert argv[:3] == ["llamagrid", "worker", "--supervise"], argv
     assert "--" in argv, "supervisor options and worker args must be separated by --"
     own, worker_args = split_argv(argv[3:])
@@ -229,7 +229,7 @@ def test_dockerfile_installs_the_health_probe_and_the_pinned_cpu_torch():
     pinned = re.search(r"LLAMAGRID_TORCH_VERSION:-([0-9.]+)", setup)[1]
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(pinned)}$", dockerfile, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", dockerfile, re.M)
-    assert "COPY . ./" in dockerfile and "RUN pip install . " in dockerfile
+    assert "COPY . ./" in dockerfile and 'RUN pip install ".[server]" ' in dockerfile
 
 
 def test_dockerignore_lets_in_every_package_and_nothing_else():

@@ -1,0 +1,7 @@
+"""`python -m llamagrid` = the `llamagrid` command."""
+
+import sys
+
+from llamagrid.cli import main
+
+sys.exit(main())
