@@ -2,8 +2,8 @@
 """A grpc.health.v1 probe for container health checks: `llamagrid-healthcheck [--service NAME] HOST:PORT`.
 
 Exit status 0 when the server answers SERVING for the service ("" = the whole server), 1 otherwise (NOT_SERVING,
-UNKNOWN, unreachable, or no answer within --timeout). The image installs this file as /usr/local/bin/
-llamagrid-healthcheck: it uses only grpcio and grpcio-health-checking, which the project already depends on, so
+UNKNOWN, unreachable, or no answer within --timeout). Both images install this file as /usr/local/bin/
+llamagrid-healthcheck: it uses only grpcio and grpcio-health-checking, which both install (the `router` extra), so
 no probe binary is downloaded at build time. Workers answer NOT_SERVING while loading, warming up or draining and
 nothing at all while their supervisor restarts them; the router answers SERVING for "" while it runs.
 """

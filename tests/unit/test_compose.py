@@ -27,6 +27,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llamagrid.cli import EXTRA_OF_COMMAND
 from llamagrid.cli import build_parser as cli_parser
 from router.config import build_parser as router_parser
 from router.config import config_from_args as router_config
@@ -115,8 +116,33 @@ def command(service: dict) -> list[str]:
 
 
 def project_services(stack: dict) -> dict[str, dict]:
-    """The services that run the llamagrid image (Redis runs the upstream one)."""
-    return {name: s for name, s in stack["services"].items() if str(s.get("image", "")).startswith("llamagrid:")}
+    """The services that run a llamagrid image (Redis and Prometheus run upstream ones)."""
+    return {name: s for name, s in stack["services"].items() if str(s.get("image", "")).startswith("llamagrid-")}
+
+
+def dockerfile_stages() -> dict[str, str]:
+    """Build target -> the text of its stage (`FROM ... AS name` up to the next FROM)."""
+    parts = re.split(r"^(?=FROM )", DOCKERFILE.read_text(), flags=re.M)
+    return {re.match(r"FROM \S+ AS (\S+)", part)[1]: part for part in parts if part.startswith("FROM ")}
+
+
+def installed_extras(stage: str) -> set[str]:
+    """The extras of `pip install ".[a,b]"` in a stage, with the extras they include (llamagrid[router] in server)."""
+    (spec,) = re.findall(r'^RUN pip install "\.\[([a-z,]+)\]"', stage, re.M)
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = set(spec.split(","))
+    while included := {e for extra in extras for dep in optional[extra]
+                       for e in re.findall(r"^llamagrid\[(.+)\]$", dep)} - extras:
+        extras |= included
+    return extras
+
+
+def extra_needed(argv: list[str]) -> str:
+    """The extra a service's command needs: the router's, or the one `llamagrid` asks for that subcommand."""
+    if argv[:3] == ["python", "-m", "router"]:
+        return "router"
+    assert argv[0] == "llamagrid", argv
+    return EXTRA_OF_COMMAND[argv[1]]
 
 
 def container_files(stack: dict, service: dict) -> dict[str, Path]:
@@ -211,25 +237,58 @@ def test_services_are_redis_a_router_two_supervised_workers_and_the_model_one_sh
         assert command(services[name])[:3] == ["llamagrid", "worker", "--supervise"]
 
 
-def test_one_image_one_dockerfile(stack):
+def test_one_dockerfile_an_image_per_kind_of_service(stack):
+    """The router runs the `router` target, the workers and the model one-shot the `worker` one; one tag is one
+    build (the same target and arguments wherever it is named)."""
     dockerfile = DOCKERFILE.read_text()
+    stages = dockerfile_stages()
+    builds: dict[str, dict] = {}
     for name, service in project_services(stack).items():
         build = service["build"]
         assert (COMPOSE / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, name
+        assert build["target"] in stages, f"{name}: no stage {build['target']}"
+        assert build["target"] == ("router" if name == "router" else "worker"), name
         for arg in build.get("args", {}):
-            assert re.search(rf"^ARG {arg}=", dockerfile, re.M), f"{name}: build arg {arg} not in the Dockerfile"
+            assert re.search(rf"^ARG {arg}=", stages[build["target"]], re.M), f"{name}: build arg {arg} not there"
+        assert builds.setdefault(service["image"], build) == build, f"{name}: {service['image']} built two ways"
     assert len(project_services(stack)) == 4
-    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+    assert stack["services"]["router"]["image"].startswith("llamagrid-router:")
+    assert dockerfile.startswith("#") and set(stages) == {"base", "router", "worker"}
+    assert "FROM python:3.11-slim AS base" in dockerfile
+    assert list(stages)[-1] == "worker", "a plain `docker build .` builds the image that runs every command"
+
+
+def test_each_image_installs_what_its_services_run(stack):
+    """Including `llamagrid keys`, which compose/README.md runs inside the router's container."""
+    for name, service in project_services(stack).items():
+        extras = installed_extras(dockerfile_stages()[service["build"]["target"]])
+        assert extra_needed(command(service)) in extras, name
+    router_extras = installed_extras(dockerfile_stages()["router"])
+    assert EXTRA_OF_COMMAND["keys"] in router_extras
+    assert "server" not in router_extras
+
+
+def test_the_router_image_has_no_torch():
+    router = dockerfile_stages()["router"]
+    assert "torch" not in "\n".join(line for line in router.splitlines() if not line.startswith("#"))
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not {"torch", "transformers"} & {re.match(r"[a-z-]+", dep)[0] for dep in optional["router"]}
 
 
 def test_dockerfile_installs_the_health_probe_and_the_pinned_cpu_torch():
-    dockerfile = DOCKERFILE.read_text()
-    assert f"install -m 0755 compose/healthcheck.py /usr/local/bin/{PROBE_IN_IMAGE}" in dockerfile
+    stages = dockerfile_stages()
+    for target in ("router", "worker"):
+        assert f"install -m 0755 compose/healthcheck.py /usr/local/bin/{PROBE_IN_IMAGE}" in stages[target], target
+        assert "COPY . ./" in stages[target], target
+    worker = stages["worker"]
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     pinned = re.search(r"LLAMAGRID_TORCH_VERSION:-([0-9.]+)", setup)[1]
-    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pinned)}$", dockerfile, re.M)
-    assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", dockerfile, re.M)
-    assert "COPY . ./" in dockerfile and 'RUN pip install ".[server]" ' in dockerfile
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pinned)}$", worker, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", worker, re.M)
+    # torch from the chosen index first, then the project: pip finds torch satisfied and pulls no other
+    assert worker.index('"torch==${TORCH_VERSION}"') < worker.index("COPY . ./") < worker.index('RUN pip install ".[')
+    # setup.sh installs what the worker image does, plus the test tools
+    assert "'.[server,dev]'" in setup
 
 
 def test_dockerignore_lets_in_every_package_and_nothing_else():
@@ -357,9 +416,9 @@ def test_gpu_replicas_reserve_distinct_gpus_one_per_tensor_parallel_rank():
         seen |= ids
         assert ns.device == "cuda" and ns.model == Path("/checkpoint")
         assert f"{ENV['LLAMAGRID_CHECKPOINT']}:/checkpoint:ro" in service["volumes"]
-        assert service["image"] != stack["services"]["router"]["image"]  # same Dockerfile, CUDA torch build arg
-        assert service["build"]["args"]["TORCH_INDEX_URL"] != stacks()["cpu"]["services"][name]["build"]["args"][
-            "TORCH_INDEX_URL"]
+        cpu = stacks()["cpu"]["services"][name]
+        assert service["image"] != cpu["image"] and service["build"]["target"] == cpu["build"]["target"]
+        assert service["build"]["args"]["TORCH_INDEX_URL"] != cpu["build"]["args"]["TORCH_INDEX_URL"]
 
 
 # --- metrics -------------------------------------------------------------------------------------------------

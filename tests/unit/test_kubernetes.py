@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -209,6 +210,25 @@ def test_probes_target_served_ports() -> None:
                         assert probe[action]["port"] in ports, (w["metadata"]["name"], c["name"], kind)
             if c["command"][:3] == ROUTER_ENTRY or c["command"][:2] == WORKER_ENTRY:
                 assert "readinessProbe" in c and "livenessProbe" in c, c["name"]
+
+
+# --- images --------------------------------------------------------------------------------------------------------
+
+
+def test_router_and_workers_run_the_images_of_their_dockerfile_targets() -> None:
+    """The router pods pull the `router` target (no torch: small, quick to scale out), the workers the `worker`
+    target built with a CUDA torch; both of one release."""
+    def image(deployment: str, container: str) -> tuple[str, str, str]:
+        repository, tag = _container("Deployment", deployment, container)["image"].rsplit(":", 1)
+        registry, name = repository.rsplit("/", 1)
+        return registry, name, tag
+
+    router_registry, router_name, router_tag = image("llamagrid-router", "router")
+    worker_registry, worker_name, worker_tag = image("llamagrid-worker", "worker")
+    assert (router_name, worker_name) == ("llamagrid-router", "llamagrid-worker")
+    assert router_registry == worker_registry and worker_tag == f"{router_tag}-cuda"
+    stages = re.findall(r"^FROM \S+ AS (\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert {"router", "worker"} <= set(stages)
 
 
 # --- the router ----------------------------------------------------------------------------------------------------
