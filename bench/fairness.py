@@ -20,8 +20,8 @@ Phases, in one run:
 
 Reported per phase: the interactive tenant's TTFT (call start to its first token-carrying chunk) p50 / p99 / max,
 and the ratio to alone; the flood's streamed tokens/s and the step time that implies (slots / flood tokens/s: a
-fairly scheduled request waits for the step in progress, then is admitted in the next one). The target (issue 13:
-a tenant's request is served while another floods) is printed as PASS/FAIL: fair TTFT p50 <= 2.0x alone.
+fairly scheduled request waits for the step in progress, then is admitted in the next one). The target (a tenant's
+request is served while another floods) is printed as PASS/FAIL: fair TTFT p50 <= 2.0x alone.
 
 The flood runs in a process of its own. Everything (workers, router, Redis, both clients) shares this machine's
 cores: on 2 cores the flood's relay and batch steps slow every hop, which a loaded/alone ratio also shows.

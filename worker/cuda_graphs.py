@@ -13,7 +13,7 @@ captured for its (batch bucket, context bucket):
 - graphs are captured lazily, on the first step that needs them (a few model runs: two warm-ups on a side stream,
   then the capture; their KV writes are this step's own, so they are idempotent), into one shared memory pool;
   buckets above max_graph_tokens (B * M * block_size, which bounds the gather scratch) and steps with anything
-  else (prefill chunks, sequences that do not sample) run eagerly as before.
+  else (prefill chunks, sequences that do not sample) run on the eager path.
 
 Everything the graph reads lives in static tensors of the graph's entry; run() copies a step's plan into them and
 replays. The decode forward (decode_forward) is plain PyTorch over the model's own layers and runs on any device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MIN_INTERVAL_S = 0.2  # beat() writes at most this often; callers beat from their work loop, every step
@@ -18,16 +19,17 @@ def heartbeat_path(run_dir: Path, rank: int) -> Path:
 class Heartbeat:
     """Called from a rank's main work loop (never from a free-running thread), so a hung rank goes stale."""
 
-    def __init__(self, run_dir: Path, rank: int):
+    def __init__(self, run_dir: Path, rank: int, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock  # what the MIN_INTERVAL_S throttle counts in (tests pass their own)
         self.path = heartbeat_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(str(os.getpid()))
         tmp.replace(self.path)  # atomic: a reader never sees an empty file
-        self._last = time.monotonic()
+        self._last = clock()
 
     def beat(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last < MIN_INTERVAL_S:
             return
         self._last = now

@@ -19,14 +19,16 @@ def worker(tiny_model_dir):
     w.engine.stop()
 
 
-def wait_idle(worker, timeout: float = 30.0) -> None:
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = worker.engine.scheduler
-        if not s.has_unfinished and worker.engine.load.num_running == 0:
-            return
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-    raise AssertionError("engine did not go idle")
+
+
+def wait_idle(worker, timeout: float = 30.0) -> None:
+    s = worker.engine.scheduler
+    wait_for(lambda: not s.has_unfinished and worker.engine.load.num_running == 0, "the engine to go idle", timeout)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -40,9 +42,13 @@ def test_random_load_with_cancels_leaks_no_blocks(worker, seed):
         params = SamplingParams(max_new_tokens=rng.randint(1, 60), temperature=rng.choice([0.0, 0.8]),
                                 seed=rng.randrange(1000), ignore_eos=rng.random() < 0.5,
                                 stop=tuple(rng.sample(["a", "e", "th", "ing"], rng.randint(0, 2))))
-        results.append(submit(worker, f"leak{seed}-{i}", prompt, params))
+        result = submit(worker, f"leak{seed}-{i}", prompt, params)
+        results.append(result)
         if rng.random() < 0.3:
-            time.sleep(rng.random() * 0.05)
+            # cancelled at once (maybe before it is scheduled), or once it has streamed a few tokens
+            num_tokens = rng.choice([0, 1, 3])
+            wait_for(lambda r=result, n=num_tokens: len(r.token_ids) >= n or r.done.is_set(),
+                     f"{num_tokens} tokens of leak{seed}-{i}", timeout=120)
             worker.engine.abort(f"leak{seed}-{i}")
             cancelled.add(i)
     for r in results:

@@ -59,14 +59,22 @@ def generate(address: str, prompts: list[list[int]], max_new_tokens: int = MAX_N
             return list(pool.map(one, range(len(prompts))))
 
 
-def rank_pids(run_dir: Path, size: int = 2, timeout: float = 30.0) -> dict[int, int]:
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    """predicate()'s first truthy value, polled until the deadline."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def rank_pids(run_dir: Path, size: int = 2, timeout: float = 30.0) -> dict[int, int]:
+    def all_ranks():
         beats = read_heartbeats(run_dir)
-        if len(beats) == size:
-            return {rank: pid for rank, (pid, _) in beats.items()}
-        time.sleep(0.1)
-    raise AssertionError(f"heartbeat files of {size} ranks did not appear: {read_heartbeats(run_dir)}")
+        return beats if len(beats) == size else None
+
+    beats = wait_for(all_ranks, f"the heartbeat files of {size} ranks", timeout)
+    return {rank: pid for rank, (pid, _) in beats.items()}
 
 
 def is_gone(pid: int) -> bool:
@@ -78,12 +86,8 @@ def is_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def wait_gone(pid: int, timeout: float) -> float:
-    started = time.monotonic()
-    while not is_gone(pid):
-        assert time.monotonic() - started < timeout, f"pid {pid} still runs after {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
+def wait_gone(pid: int, timeout: float) -> None:
+    wait_for(lambda: is_gone(pid), f"pid {pid} to end", timeout)
 
 
 def test_info_reports_tp_size(tp_worker):
@@ -112,11 +116,15 @@ def test_heartbeats_of_both_ranks_keep_moving_while_idle(tp_worker):
     assert pids[0] == worker.proc.pid
     assert int(Path(f"/proc/{pids[1]}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pids[0]  # ppid
     before = read_heartbeats(run_dir)
-    time.sleep(2.5)
-    after = read_heartbeats(run_dir)
+
+    def both_moved():
+        beats = read_heartbeats(run_dir)
+        return beats if all(beats[rank][1] > before[rank][1] for rank in (0, 1)) else None
+
+    # idle, each rank beats every few tenths of a second (rank 0's ticker, rank 1 on each IDLE plan)
+    after = wait_for(both_moved, "both ranks' heartbeats to move while idle", timeout=10)
     now = time.time()
     for rank in (0, 1):
-        assert after[rank][1] > before[rank][1], f"rank {rank} heartbeat did not move while idle"
         assert now - after[rank][1] < 2.0, f"rank {rank} heartbeat is stale"
 
 
@@ -147,10 +155,8 @@ def test_hung_engine_stops_rank0_heartbeat_while_rank1_keeps_beating(tiny_gqa_mo
     try:
         client = threading.Thread(target=_generate_ignoring_errors, args=(worker.address,), daemon=True)
         client.start()
-        deadline = time.monotonic() + 60
-        while time.time() - read_heartbeats(tmp_path)[0][1] < 3.0:
-            assert time.monotonic() < deadline, "rank 0 kept beating with a hung engine"
-            time.sleep(0.1)
+        wait_for(lambda: time.time() - read_heartbeats(tmp_path)[0][1] >= 3.0, "rank 0's heartbeat to go stale "
+                 "with a hung engine", timeout=60)
         assert time.time() - read_heartbeats(tmp_path)[1][1] < 1.5, "rank 1 stopped receiving idle plans"
     finally:
         worker.proc.kill()

@@ -19,21 +19,32 @@ def test_heartbeat_file_holds_the_pid(tmp_path):
     assert read_heartbeats(tmp_path / "run") == {3: (os.getpid(), pytest.approx(time.time(), abs=5))}
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_beat_is_throttled_then_touches(tmp_path):
-    beat = Heartbeat(tmp_path, 0)
+    clock = FakeClock()
+    beat = Heartbeat(tmp_path, 0, clock=clock)
     path = heartbeat_path(tmp_path, 0)
     os.utime(path, (1000.0, 1000.0))
+    clock.now += MIN_INTERVAL_S / 2
     beat.beat()  # within MIN_INTERVAL_S of the first write: nothing
     assert path.stat().st_mtime == 1000.0
-    time.sleep(MIN_INTERVAL_S + 0.05)
+    clock.now += MIN_INTERVAL_S  # past the interval
     beat.beat()
     assert path.stat().st_mtime > time.time() - 5
 
 
 def test_beat_rewrites_a_removed_file(tmp_path):
-    beat = Heartbeat(tmp_path, 1)
+    clock = FakeClock()
+    beat = Heartbeat(tmp_path, 1, clock=clock)
     heartbeat_path(tmp_path, 1).unlink()
-    time.sleep(MIN_INTERVAL_S + 0.05)
+    clock.now += MIN_INTERVAL_S
     beat.beat()
     assert read_heartbeats(tmp_path)[1][0] == os.getpid()
 

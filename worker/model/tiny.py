@@ -207,7 +207,8 @@ def _write_config(out: Path, config: LlamaConfig, rope_theta: float, rope_scalin
     raw = json.loads(config.to_json_string())  # what save_pretrained writes
     if raw.get("pad_token_id") is None:
         raw.pop("pad_token_id", None)  # Llama-2's config.json has no pad token
-    # the pre-5.0 spellings too, so older readers (and hand-written loaders) find rope settings and dtype
+    # transformers 4's spellings too (as Meta's checkpoints have them), so readers of either version and
+    # hand-written loaders find the rope settings and dtype
     raw.update(rope_theta=rope_theta, rope_scaling=dict(rope_scaling) if rope_scaling else None,
                torch_dtype=_dtype_name(dtype))
     _write_json(out / "config.json", raw)
