@@ -18,10 +18,9 @@ from common.ports import free_port
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from tests.support.fake_worker import FakeFleet
-from tests.support.workers import RealWorker, start_real_workers
+from tests.support.workers import INTERNAL_TOKEN, RealWorker, start_real_workers
 
 REAL_WORKER_ARGS = ("--kv-cache-tokens", "8192", "--max-num-seqs", "32", "--log-level", "debug", "--num-threads", "2")
-INTERNAL_TOKEN = "internal-token-for-tests-0123456789"
 
 
 # ---- real workers

@@ -14,9 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.connections import INT_MAX, server_options
-from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig, build_parser, config_from_args
-from tests.service.router_harness import router_in_thread
+from tests.support.router import router_in_thread
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7
@@ -25,12 +24,11 @@ SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 
 
 @pytest.fixture(scope="module")
-def router():
-    with RedisServer() as redis:
-        config = RouterConfig(port=0, workers="127.0.0.1:9", redis_url=redis.url, keepalive_time_s=0.2,
-                              keepalive_timeout_s=10.0, max_connection_idle_s=0.5, max_concurrent_streams=3)
-        with router_in_thread(config) as address:
-            yield address
+def router(redis_server):
+    config = RouterConfig(port=0, workers="127.0.0.1:9", redis_url=redis_server.url, keepalive_time_s=0.2,
+                          keepalive_timeout_s=10.0, max_connection_idle_s=0.5, max_concurrent_streams=3)
+    with router_in_thread(config) as address:
+        yield address
 
 
 def _frame(kind: int, flags: int = 0, payload: bytes = b"", stream: int = 0) -> bytes:

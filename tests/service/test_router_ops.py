@@ -1,18 +1,14 @@
-"""The router as operators run it: internal token to workers, health and reflection, SIGTERM drain, TLS, and
-slow clients whose tokens are coalesced without holding anyone else back. Real processes, sockets and Redis."""
+"""The router as operators run it: the internal token between routers and workers, health and reflection, SIGTERM
+drain, TLS. A real worker for the worker's own token check; fake workers (which check the token the same way)
+behind the routers; real router processes, sockets and Redis."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import grpc
 import pytest
+import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -21,20 +17,13 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
-from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
-from router.outbox import Outbox
-from tests.service.router_harness import auth, create_keys, router_in_thread
-from worker.launch import start_worker
+from tests.support.fake_worker import Script
+from tests.support.router import RouterProcess, auth, create_keys, router_in_thread, wait_routable
+from tests.support.waits import wait_until
+from tests.support.workers import INTERNAL_TOKEN as TOKEN
 
-TOKEN = "internal-token-for-tests-0123456789"
 GREEDY = pb.SamplingParameters(max_new_tokens=8, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +32,9 @@ def key(redis_server):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model_dir):
-    """One tiny worker that requires the internal token."""
-    proc = start_worker(tiny_model_dir, "--kv-cache-tokens", "4096", "--num-threads", "1",
-                        env={INTERNAL_TOKEN_ENV: TOKEN}, stderr=subprocess.DEVNULL)
-    yield proc
-    proc.stop()
+def worker(module_fakes):
+    """A fake worker that requires the internal token."""
+    return module_fakes.start(internal_token=TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +45,16 @@ def router(redis_server, worker, key):
         yield address
 
 
-def test_worker_refuses_calls_without_the_internal_token(worker):
-    with grpc.insecure_channel(worker.address) as ch:
-        internal, public = wpb_grpc.WorkerStub(ch), pb_grpc.InferenceStub(ch)
+def test_worker_refuses_calls_without_the_internal_token(token_worker):
+    with grpc.insecure_channel(token_worker.address) as ch:
+        internal = wpb_grpc.WorkerStub(ch)
         job = wpb.WorkerRequest(job=wpb.Job(request_id="x", text="hi", parameters=GREEDY))
         calls = {
             "unary": lambda md: internal.Info(wpb.InfoRequest(), metadata=md, timeout=10),
+            "unary-count": lambda md: internal.CountTokens(pb.CountTokensRequest(text="hi"), metadata=md,
+                                                           timeout=10),
             "bidi": lambda md: list(internal.Generate(iter([job]), metadata=md, timeout=10)),
-            "run": lambda md: list(internal.Run(job.job, metadata=md, timeout=10)),
-            "server-stream": lambda md: list(public.GenerateStream(
-                pb.GenerateRequest(inputs=["hi"], parameters=GREEDY), metadata=md, timeout=10)),
+            "server-stream": lambda md: list(internal.Run(job.job, metadata=md, timeout=10)),
         }
         for kind, call in calls.items():
             for md in ((), ((TOKEN_METADATA, "wrong-token-wrong-token"),)):
@@ -86,10 +72,14 @@ def test_router_with_the_token_serves_and_without_it_finds_no_worker(router, red
         resp = pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(inputs=["hi"], parameters=GREEDY),
                                                   metadata=auth(key), timeout=30)
         assert resp.outputs[0].usage.completion_tokens > 0
+    assert all(j.metadata.get(TOKEN_METADATA) == TOKEN for j in worker.jobs)
     config = RouterConfig(port=0, workers=worker.address, redis_url=redis_server.url, redis_timeout_s=0.5,
                           drain_grace_s=0.0)
+    refused_before = worker.refused.count("/llamagrid.worker.v1.Worker/Info")
     with router_in_thread(config) as address, grpc.insecure_channel(address) as ch:
-        time.sleep(1.0)  # the pool's first Info call is refused, so the worker never turns healthy
+        # the pool's first Info call is refused, so the worker never turns healthy
+        worker.wait_for(lambda w: w.refused.count("/llamagrid.worker.v1.Worker/Info") > refused_before,
+                        "the token-less router's Info call to be refused")
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(inputs=["hi"], parameters=GREEDY),
                                                metadata=auth(key), timeout=10)
@@ -100,9 +90,11 @@ def test_router_with_the_token_serves_and_without_it_finds_no_worker(router, red
 def test_router_health_and_reflection(router):
     with grpc.insecure_channel(router) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        for service in ("", "llamagrid.v1.Inference"):
-            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "llamagrid.v1.Inference"):  # (the router re-checks its pool every 0.5 s)
+            request = health_pb2.HealthCheckRequest(service=service)
+            wait_until(lambda request=request: health.Check(request, timeout=10).status == serving,
+                       f"the router's health of {service!r} to be SERVING")
         reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
         replies = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                                     timeout=10))
@@ -110,35 +102,20 @@ def test_router_health_and_reflection(router):
         assert {"llamagrid.v1.Inference", "grpc.health.v1.Health"} <= names
 
 
-def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(redis_server, worker, key, tmp_path):
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "--workers", worker.address, "--port", "0", "--port-file", str(port_file),
-         "--redis-url", redis_server.url, "--drain-grace", "30"],
-        env={**os.environ, INTERNAL_TOKEN_ENV: TOKEN}, stderr=subprocess.DEVNULL)
+def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(redis_server, fakes, key, tmp_path):
+    worker = fakes.start(Script(token_delay_s=0.01), internal_token=TOKEN)  # 150 tokens: 1.5 s
+    router = RouterProcess(tmp_path / "router.stderr", "--workers", worker.address, "--redis-url", redis_server.url,
+                           "--drain-grace", "30", env={**os.environ, INTERNAL_TOKEN_ENV: TOKEN})
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text()}"
+        wait_routable(router.address, key)
         long = pb.SamplingParameters(max_new_tokens=150, temperature=0.0, ignore_eos=True)
-        with grpc.insecure_channel(address) as ch:
+        with grpc.insecure_channel(router.address) as ch:
             stub = pb_grpc.InferenceStub(ch)
-            grpc.channel_ready_future(ch).result(timeout=10)
-            deadline = time.monotonic() + 30
-            while True:  # until the router's pool has the worker
-                try:
-                    stub.CountTokens(pb.CountTokensRequest(text="x"), metadata=auth(key), timeout=5)
-                    break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
             stream = stub.GenerateStream(pb.GenerateRequest(inputs=["tell me"], parameters=long),
-                                         metadata=auth(key), timeout=60)
+                                         metadata=(*auth(key), ("x-request-id", "draining")), timeout=60)
             chunks = [next(stream)]
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            router.proc.terminate()
+            router.wait_event("router_draining")
             try:  # the listening socket closes at once, so a probe sees NOT_SERVING or nothing at all
                 health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                 assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -147,18 +124,16 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(redis_server, wor
             with pytest.raises(grpc.RpcError) as err:  # a new call during the drain is refused
                 stub.Generate(pb.GenerateRequest(inputs=["hi"], parameters=GREEDY), metadata=auth(key), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not worker.job("draining/0").ended  # (the stream was still in flight during those checks)
             chunks += list(stream)  # ... while the in-flight stream runs to its end
         assert chunks[-1].finish_reason == pb.LENGTH
         assert sum(len(c.token_ids) for c in chunks) == 150
-        assert proc.wait(30) == 0
+        assert router.proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        router.stop()
 
 
 def test_tls_client_port(redis_server, worker, key, tmp_path):
-    trustme = pytest.importorskip("trustme")  # a dev dependency; the import only fails outside `.[dev]`
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -176,59 +151,3 @@ def test_tls_client_port(redis_server, worker, key, tmp_path):
             pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth(key), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
-
-def test_outbox_merges_deltas_per_index_and_keeps_ends_in_order():
-    def delta(text, ids):
-        return wpb.WorkerEvent(delta=wpb.TokenDelta(text=text, token_ids=ids))
-
-    async def body():
-        box = Outbox()
-        box.put_event(0, delta("a", [1]))
-        box.put_event(1, delta("x", [9]))
-        box.put_event(0, delta("b", [2]))
-        box.put_event(0, wpb.WorkerEvent(finished=wpb.Finished()))
-        box.put_event(0, delta("late", [3]))  # a new delta after an end starts a new message
-        box.put("marker")
-        assert len(box) == 5 and box.merged == 1
-        out = [await box.get() for _ in range(5)]
-        assert [(i, e.delta.text if not isinstance(e, str) and e.HasField("delta") else e) for i, e in out[:2]] == [
-            (0, "ab"), (1, "x")]
-        assert list(out[0][1].delta.token_ids) == [1, 2]
-        assert out[2][1].HasField("finished") and out[3][1].delta.text == "late" and out[4] == (None, "marker")
-        box.put_event(1, delta("y", [8]))  # the taken delta of index 1 is not merged into any more
-        assert (await box.get())[1].delta.text == "y"
-
-    asyncio.run(body())
-
-
-def test_a_stalled_client_gets_coalesced_tokens_and_holds_nobody_back(router, key):
-    """A client that stops reading: its tokens pile up in the router as a few merged messages (the stream's flow
-    control window is kept small so the router feels the back-pressure), while another client is served."""
-    params = pb.SamplingParameters(max_new_tokens=300, temperature=0.0, ignore_eos=True)
-    request = pb.GenerateRequest(inputs=["a story"], parameters=params)
-    small_window = [("grpc.http2.lookahead_bytes", 256), ("grpc.http2.bdp_probe", 0)]
-    with grpc.insecure_channel(router) as fast_ch:
-        reference = list(pb_grpc.InferenceStub(fast_ch).GenerateStream(request, metadata=auth(key), timeout=120))
-    with grpc.insecure_channel(router, options=small_window) as slow_ch, grpc.insecure_channel(router) as fast_ch:
-        slow = pb_grpc.InferenceStub(slow_ch).GenerateStream(request, metadata=auth(key), timeout=120)
-        first = next(slow)  # then stall
-        others_done = threading.Event()
-
-        def other_client():
-            for _ in range(3):
-                out = pb_grpc.InferenceStub(fast_ch).Generate(pb.GenerateRequest(inputs=["hi"], parameters=GREEDY),
-                                                              metadata=auth(key), timeout=60)
-                assert out.outputs[0].usage.completion_tokens > 0
-            others_done.set()
-
-        t = threading.Thread(target=other_client)
-        t.start()
-        assert others_done.wait(60), "another client was held back by a stalled one"
-        time.sleep(2.0)  # the stalled stream's worker keeps generating into the router meanwhile
-        rest = [first, *slow]
-        t.join()
-    text = "".join(c.text for c in rest)
-    ids = [t for c in rest for t in c.token_ids]
-    assert ids == [t for c in reference for t in c.token_ids] and text == "".join(c.text for c in reference)
-    assert len(ids) == 300
-    assert len(rest) < len(ids) // 2, f"{len(rest)} messages for {len(ids)} tokens: nothing was coalesced"

@@ -1,30 +1,24 @@
-"""WorkerPool and discovery against real worker processes over real gRPC."""
+"""WorkerPool and discovery against fake workers over real gRPC (one of them a process, killed with SIGKILL)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from router.discovery import DnsTargets, StaticTargets, from_spec, parse_targets
 from router.worker_pool import WorkerPool
-from worker.launch import start_worker
-
-WORKER_ARGS = ("--kv-cache-tokens", "2048", "--num-threads", "1")
+from tests.support.fake_worker import FakeWorkerProcess, Script
+from tests.support.waits import until
 
 
 @pytest.fixture(scope="module")
-def workers(tiny_model_dir):
-    """Two tiny workers, started side by side; the last test kills the second."""
-    with ThreadPoolExecutor(2) as ex:
-        procs = list(ex.map(lambda _: start_worker(tiny_model_dir, *WORKER_ARGS), range(2)))
-    yield procs
-    for p in procs:
-        p.stop()
+def workers(module_fakes):
+    """Two fake workers with a KV cache of 2048 tokens."""
+    return module_fakes.start_many(2, lambda: Script(kv_capacity_tokens=2048))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,9 @@ def test_pool_health_info_pick_and_leases(workers, dead_address):
         await pool.start()
         try:
             assert await pool.wait_healthy(2, timeout_s=15)
-            await asyncio.sleep(0.3)  # give the dead address a few reconnect attempts
+            # the dead address was tried (and failed), not merely not yet reached
+            await until(lambda: pool.channel(dead_address).get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                        "a failed connection attempt to the dead address")
             states = {s.address: s for s in pool.snapshot()}
             assert set(states) == {a, b, dead_address}
             assert not states[dead_address].is_healthy
@@ -136,20 +132,18 @@ def test_discovery_changes_add_and_close(workers):
     asyncio.run(body())
 
 
-def test_killed_worker_leaves_pool_quickly(workers):
-    """Runs last in this module: it kills the second worker."""
-    a, b = (w.address for w in workers)
+def test_killed_worker_leaves_pool_quickly(workers, tmp_path):
+    killed = FakeWorkerProcess(tmp_path / "killed.stderr")
+    a, b = workers[0].address, killed.address
 
     async def body():
         pool = WorkerPool(StaticTargets([a, b]))
         await pool.start()
         try:
             assert await pool.wait_healthy(2, timeout_s=10)
-            workers[1].proc.kill()
-            t0 = time.monotonic()
-            while any(s.is_healthy for s in pool.snapshot() if s.address == b):
-                assert time.monotonic() - t0 < 2.0, "killed worker still healthy after 2 s"
-                await asyncio.sleep(0.02)
+            killed.kill()  # SIGKILL
+            await until(lambda: not any(s.is_healthy for s in pool.snapshot() if s.address == b),
+                        "the killed worker to leave the pool", timeout_s=2.0)
             model = pool.default_model()
             assert model is not None and pool.models() == {model: 1}
             for _ in range(5):
@@ -157,4 +151,7 @@ def test_killed_worker_leaves_pool_quickly(workers):
         finally:
             await pool.stop()
 
-    asyncio.run(body())
+    try:
+        asyncio.run(body())
+    finally:
+        killed.stop()

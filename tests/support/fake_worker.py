@@ -35,7 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from common.internal_auth import INTERNAL_TOKEN_ENV, InternalTokenInterceptor
+from common.internal_auth import INTERNAL_TOKEN_ENV, OPEN_PREFIXES, TOKEN_METADATA, InternalTokenInterceptor
 from common.request_ids import MAX_JOB_ID_CHARS
 from common.rpc_guard import RequestGuard
 from protos.llamagrid.v1 import inference_pb2 as pb
@@ -231,6 +231,21 @@ def _check_parameters(p: pb.SamplingParameters, script: Script, prefix: str) -> 
             raise _invalid(f"{prefix}.stop[{i}]", "must not be empty")
 
 
+class _TokenCheck(InternalTokenInterceptor):
+    """The worker's internal-token check, noting the method of every call it refuses."""
+
+    def __init__(self, token: str, refused: list[str]) -> None:
+        super().__init__(token)
+        self._token_text, self._refused = token, refused
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        presented = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA)
+        if not method.startswith(OPEN_PREFIXES) and presented != self._token_text:
+            self._refused.append(method)
+        return await super().intercept_service(continuation, handler_call_details)
+
+
 # ---- the servicer
 
 
@@ -305,6 +320,7 @@ class FakeWorker:
         self.port = port
         self.internal_token = internal_token
         self.jobs: list[JobRecord] = []
+        self.refused: list[str] = []  # methods of the calls refused for want of the internal token
         self._on_event = on_event
         self._exit_process = exit_process  # a "die" fault exits the process (process mode)
         self._cache: set[int] = set()  # prefix hashes at block boundaries of what jobs computed (a prefix cache)
@@ -403,7 +419,7 @@ class FakeWorker:
     async def _start(self) -> int:
         self._thawed = asyncio.Event()
         self._thawed.set()
-        interceptors = [InternalTokenInterceptor(self.internal_token)] if self.internal_token else []
+        interceptors = [_TokenCheck(self.internal_token, self.refused)] if self.internal_token else []
         self._server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()],
                                        options=[("grpc.so_reuseport", 0)])
         wpb_grpc.add_WorkerServicer_to_server(_Servicer(self), self._server)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from worker.launch import WorkerProcess, start_worker
 
+INTERNAL_TOKEN = "internal-token-for-tests-0123456789"  # what workers that require one are given
+
 
 @dataclass
 class RealWorker:
