@@ -1,24 +1,25 @@
-"""Prometheus /metrics of a real worker process and an in-process router, scraped over HTTP."""
+"""Prometheus /metrics of a real worker, of an in-process router (in front of a fake worker) and of a supervisor,
+scraped over HTTP. No request text or API key appears anywhere in them."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.ports import free_port
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
-from ratelimit.redis_server import RedisServer
+from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from router.config import RouterConfig
-from tests.service.router_harness import auth, create_keys, serve_router
+from tests.support import metrics
+from tests.support.metrics import all_label_values, value
+from tests.support.router import auth, create_keys, serve_router
+from tests.support.supervised import Supervised
+from tests.support.waits import wait_until
 
 CANARY = "canary-7f3e9 purple elephant sings"
 CANARY_KEY = "lg_canary7f3e9_purple-elephant-key"  # well-formed bearer token, no such key
@@ -33,78 +34,58 @@ tokens_per_minute = 100000
 request_burst = 2
 """
 PARAMS = pb.SamplingParameters(max_new_tokens=4, temperature=0.0)
+RUN = "/llamagrid.worker.v1.Worker/Run"
+GENERATE = "/llamagrid.worker.v1.Worker/Generate"
 
 
 def scrape(port: int) -> dict[str, list]:
-    """Metric family name -> its samples (name, labels, value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        body = resp.read().decode()
+    """Metric family name -> its samples, after checking that no request text or key is anywhere in the page."""
+    body = metrics.scrape_text(port)
     assert CANARY not in body and CANARY_KEY not in body  # no request text or key anywhere, label values included
-    return {f.name: f.samples for f in text_string_to_metric_families(body)}
+    return metrics.scrape(port)
 
 
-def value(families: dict[str, list], sample_name: str, **labels: str) -> float:
-    return sum(s.value for samples in families.values() for s in samples
-               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+def _worker_idle(stub: wpb_grpc.WorkerStub) -> bool:
+    load = stub.Load(wpb.LoadRequest(), timeout=5)
+    return load.num_running == load.num_waiting == 0
 
 
-def all_label_values(families: dict[str, list]) -> set[str]:
-    return {v for samples in families.values() for s in samples for v in s.labels.values()}
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir, tmp_path_factory):
-    """A worker process with --metrics-port 0; yields (grpc address, metrics port)."""
-    base = tmp_path_factory.mktemp("metrics-worker")
-    port_file = base / "port"
-    log = open(base / "worker.stderr", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(tiny_model_dir), "--port", "0",
-                             "--port-file", str(port_file), "--metrics-port", "0", "--kv-cache-tokens", "2048",
-                             "--num-threads", "1"], env=dict(os.environ), stderr=log)
-    try:
-        deadline = time.monotonic() + 300
-        while not port_file.exists():
-            assert proc.poll() is None, f"worker exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "worker never served"
-            time.sleep(0.05)
-        yield f"127.0.0.1:{int(port_file.read_text())}", int((base / "port.metrics").read_text())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def test_worker_metrics(worker, tiny_model_dir):
-    address, metrics_port = worker
-    before = scrape(metrics_port)
-    assert value(before, "llamagrid_worker_kv_blocks_total") > 0
-    with grpc.insecure_channel(address) as ch:
-        stub = pb_grpc.InferenceStub(ch)
-        stub.Generate(pb.GenerateRequest(inputs=[CANARY, CANARY + " again"], parameters=PARAMS), timeout=60)
-        chunks = list(stub.GenerateStream(pb.GenerateRequest(inputs=[CANARY], parameters=PARAMS), timeout=60))
-        assert chunks
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Generate(pb.GenerateRequest(model=CANARY, inputs=[CANARY], parameters=PARAMS), timeout=60)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    m = scrape(metrics_port)
+def test_worker_metrics(real_workers, tiny_model_dir):
+    """One of the session's real workers (shared: every count is read as its change over this test)."""
+    worker = real_workers[0]
     model = tiny_model_dir.name
-    gen = "/llamagrid.v1.Inference/Generate"
-    assert value(m, "llamagrid_worker_requests_total", method=gen, code="OK") == 1
-    assert value(m, "llamagrid_worker_requests_total", method=gen, code="NOT_FOUND") == 1
-    assert value(m, "llamagrid_worker_requests_total", method="/llamagrid.v1.Inference/GenerateStream",
-                 code="OK") == 1
-    assert value(m, "llamagrid_worker_request_duration_seconds_count", method=gen) == 2
-    assert value(m, "llamagrid_worker_jobs_finished_total", model=model) == 3
-    assert value(m, "llamagrid_worker_prompt_tokens_total", model=model) > 0
-    assert 3 <= value(m, "llamagrid_worker_generation_tokens_total", model=model) <= 12
-    assert value(m, "llamagrid_worker_time_to_first_token_seconds_count", model=model) == 3
-    assert value(m, "llamagrid_worker_e2e_request_latency_seconds_count", model=model) == 3
-    assert value(m, "llamagrid_worker_time_per_output_token_seconds_count", model=model) >= 1
+    with grpc.insecure_channel(worker.address) as ch:
+        stub = wpb_grpc.WorkerStub(ch)
+        wait_until(lambda: _worker_idle(stub), "the shared worker to be idle")
+        before = scrape(worker.metrics_port)
+        assert value(before, "llamagrid_worker_kv_blocks_total") > 0
+        for i, text in enumerate((CANARY, CANARY + " again")):
+            assert list(stub.Run(wpb.Job(request_id=f"metrics-{i}", text=text, parameters=PARAMS), timeout=60))
+        job = wpb.Job(request_id="metrics-2", text=CANARY, parameters=PARAMS)
+        assert list(stub.Generate(iter([wpb.WorkerRequest(job=job)]), timeout=60))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Run(wpb.Job(request_id="metrics-3", model=CANARY, text=CANARY, parameters=PARAMS),
+                          timeout=60))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # (a job's counts are recorded as it ends, just after its last event went out)
+        wait_until(lambda: value(scrape(worker.metrics_port), "llamagrid_worker_jobs_finished_total", model=model)
+                   - value(before, "llamagrid_worker_jobs_finished_total", model=model) >= 3,
+                   "the worker to count the three jobs")
+        m = scrape(worker.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(m, name, **labels) - value(before, name, **labels)
+
+    assert delta("llamagrid_worker_requests_total", method=RUN, code="OK") == 2
+    assert delta("llamagrid_worker_requests_total", method=RUN, code="NOT_FOUND") == 1
+    assert delta("llamagrid_worker_requests_total", method=GENERATE, code="OK") == 1
+    assert delta("llamagrid_worker_request_duration_seconds_count", method=RUN) == 3
+    assert delta("llamagrid_worker_jobs_finished_total", model=model) == 3
+    assert delta("llamagrid_worker_prompt_tokens_total", model=model) > 0
+    assert 3 <= delta("llamagrid_worker_generation_tokens_total", model=model) <= 12
+    assert delta("llamagrid_worker_time_to_first_token_seconds_count", model=model) == 3
+    assert delta("llamagrid_worker_e2e_request_latency_seconds_count", model=model) == 3
+    assert delta("llamagrid_worker_time_per_output_token_seconds_count", model=model) >= 1
     total = value(m, "llamagrid_worker_kv_blocks_total", model=model)
     assert value(m, "llamagrid_worker_kv_blocks_free", model=model) + value(
         m, "llamagrid_worker_kv_blocks_used", model=model) == total > 0
@@ -116,22 +97,21 @@ def test_worker_metrics(worker, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def router(worker, tmp_path_factory):
-    """(router address, metrics port, keys) in front of the metrics worker."""
-    with RedisServer() as redis:
-        keys = create_keys(redis.url, {"pro": ("pro", []), "tiny": ("tiny", [])})
-        tiers = tmp_path_factory.mktemp("metrics-tiers") / "tiers.toml"
-        tiers.write_text(TIERS)
-        metrics_port = free_port()
-        config = RouterConfig(port=0, metrics_port=metrics_port, workers=worker[0], redis_url=redis.url,
-                              tiers_path=tiers, redis_timeout_s=0.5)
-        with serve_router(config, num_workers=1) as handle:
-            yield handle.address, metrics_port, keys
+def router(redis_server, module_fakes, tmp_path_factory):
+    """(router address, metrics port, keys, model) in front of a fake worker."""
+    worker = module_fakes.start()
+    keys = create_keys(redis_server.url, {"pro": ("pro", []), "tiny": ("tiny", [])})
+    tiers = tmp_path_factory.mktemp("metrics-tiers") / "tiers.toml"
+    tiers.write_text(TIERS)
+    metrics_port = free_port()
+    config = RouterConfig(port=0, metrics_port=metrics_port, workers=worker.address, redis_url=redis_server.url,
+                          tiers_path=tiers, redis_timeout_s=0.5)
+    with serve_router(config, num_workers=1) as handle:
+        yield handle.address, metrics_port, keys, worker.script.model
 
 
-def test_router_metrics(router, tiny_model_dir):
-    address, metrics_port, keys = router
-    model = tiny_model_dir.name
+def test_router_metrics(router):
+    address, metrics_port, keys, model = router
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.InferenceStub(ch)
         request = pb.GenerateRequest(model=model, inputs=[CANARY], parameters=PARAMS)
@@ -181,8 +161,6 @@ def test_router_metrics(router, tiny_model_dir):
 
 
 def test_supervisor_counts_restarts_by_cause(tmp_path, tiny_model_dir):
-    from tests.service.test_supervisor import Supervised
-
     metrics_port = free_port()
     sup = Supervised(tmp_path, tiny_model_dir, ["--metrics-port", str(metrics_port)])
     try:
