@@ -27,8 +27,9 @@ from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
 from worker.faults import FaultPlan
 from worker.heartbeat import Heartbeat
 from worker.kv_cache import BlockManager
-from worker.kv_sizing import plan_kv_cache
+from worker.kv_sizing import CacheLayout, plan_kv_cache
 from worker.metrics import WorkerMetrics, serve_metrics, stop_metrics
+from worker.model.llama import LlamaForCausalLM
 from worker.model.loader import load_hf_config, load_model
 from worker.model_runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerConfig
@@ -62,7 +63,8 @@ class Worker:
         hf_config = load_hf_config(config.model_dir)
         check_tp_config(hf_config, config.tp_size, self.device)
         self.group = RankGroup(config, self.device) if config.tp_size > 1 else None  # spawns ranks 1..N-1
-        self.runner = self._load_runner(hf_config)
+        model, self.layout = self._load_model(hf_config)
+        self.runner = self._build_runner(model)
         self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
         self.engine = self._build_engine()
         self.runner.start_ticker(lambda: self.engine.load)  # no thread unless tensor parallel or heartbeating
@@ -76,19 +78,22 @@ class Worker:
     def info(self) -> WorkerInfo:
         return self.service.info
 
-    def _load_runner(self, hf_config) -> ModelRunner:
-        """This rank's model shard and KV pool (the pool every rank can hold, when tensor parallel)."""
+    def _load_model(self, hf_config) -> tuple[LlamaForCausalLM, CacheLayout]:
+        """This rank's model shard, and the KV pool it can hold (the one every rank can, when tensor parallel)."""
         config, group = self.config, self.group
-        tp = group.tp if group else None
-        model = load_model(config.model_dir, dtype=self.dtype, device=self.device, tp=tp)
-        self.layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
+        model = load_model(config.model_dir, dtype=self.dtype, device=self.device, tp=group.tp if group else None)
+        layout = plan_kv_cache(config, hf_config, self.dtype, self.device)
         if group:
-            self.layout = self.layout.with_num_blocks(group.agree_num_blocks(self.layout.num_blocks))
+            layout = layout.with_num_blocks(group.agree_num_blocks(layout.num_blocks))
+        return model, layout
+
+    def _build_runner(self, model: LlamaForCausalLM) -> ModelRunner:
+        config, group, layout = self.config, self.group, self.layout
         return ModelRunner(
-            model, num_blocks=self.layout.num_blocks, block_size=self.layout.block_size, dtype=self.dtype,
-            device=self.device, tp=tp, plans=group.plans if group else None,
+            model, num_blocks=layout.num_blocks, block_size=layout.block_size, dtype=self.dtype, device=self.device,
+            tp=group.tp if group else None, plans=group.plans if group else None,
             on_group_failure=group.abort if group else None, heartbeat=self.heartbeat,
-            cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs, max_context=self.layout.max_context,
+            cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs, max_context=layout.max_context,
         )
 
     def _build_engine(self) -> Engine:
