@@ -1,5 +1,6 @@
-"""Request bytes that do not parse get INVALID_ARGUMENT with a plain message, from a real worker process and from
-the router in front of it: unary requests and any message of a streamed one. Other calls in flight go on."""
+"""Request bytes that do not parse get INVALID_ARGUMENT with a plain message, from a real worker process (its
+Worker API, health and reflection) and from the router (in front of a fake worker): unary requests and any message
+of a streamed one. Other calls in flight go on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 import json
 import queue
 import threading
-import time
 
 import grpc
 import pytest
@@ -17,9 +17,10 @@ from common.rpc_guard import RequestGuard
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
-from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
-from tests.service.router_harness import auth, create_keys, router_in_thread
+from tests.support.fake_worker import Script
+from tests.support.router import auth, create_keys, router_in_thread
+from tests.support.waits import wait_until
 
 BAD = b"\xff\xff"  # a truncated varint: no message type parses it
 INFERENCE = "/llamagrid.v1.Inference/"
@@ -107,32 +108,39 @@ def _chat_with_bad_message(channel: grpc.Channel, when: str, metadata=()) -> tup
 
 def _wait_idle(internal: wpb_grpc.WorkerStub, timeout_s: float = 30.0) -> None:
     """Until the worker runs and waits on nothing (a rejected stream's generation was stopped)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def idle():
         load = internal.Load(wpb.LoadRequest(), timeout=5)
-        if load.num_running == 0 and load.num_waiting == 0:
-            return
-        assert time.monotonic() < deadline, f"the worker still runs {load.num_running}, waits {load.num_waiting}"
-        time.sleep(0.05)
+        return load.num_running == 0 and load.num_waiting == 0 and load
+
+    wait_until(idle, "the worker to run and wait on nothing", timeout_s)
 
 
 class Background:
-    """A GenerateStream running in a thread while the test sends garbage; result() is its full output."""
+    """A 200-token stream running in a thread while the test sends garbage; result() is its full output. On a
+    router: GenerateStream; on a worker: Worker.Run."""
 
-    def __init__(self, channel: grpc.Channel, metadata=()) -> None:
-        req = pb.GenerateRequest(inputs=["steady"], parameters=pb.SamplingParameters(
-            max_new_tokens=200, temperature=0.0, ignore_eos=True))
-        stream = channel.unary_stream(INFERENCE + "GenerateStream",
-                                      request_serializer=pb.GenerateRequest.SerializeToString,
-                                      response_deserializer=pb.GenerateChunk.FromString)
+    def __init__(self, channel: grpc.Channel, metadata=(), on_worker: bool = False) -> None:
+        params = pb.SamplingParameters(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+        if on_worker:
+            req = wpb.Job(request_id="guard-background", text="steady", parameters=params)
+            stream = channel.unary_stream(WORKER + "Run", request_serializer=wpb.Job.SerializeToString,
+                                          response_deserializer=wpb.WorkerEvent.FromString)
+        else:
+            req = pb.GenerateRequest(inputs=["steady"], parameters=params)
+            stream = channel.unary_stream(INFERENCE + "GenerateStream",
+                                          request_serializer=pb.GenerateRequest.SerializeToString,
+                                          response_deserializer=pb.GenerateChunk.FromString)
         self.first = threading.Event()
-        self._chunks: list = []
+        self._ids: list[int] = []
         self._error: BaseException | None = None
 
         def run():
             try:
-                for chunk in stream(req, metadata=metadata, timeout=120):
-                    self._chunks.append(chunk)
+                for message in stream(req, metadata=metadata, timeout=120):
+                    if on_worker:
+                        message = message.delta if message.HasField("delta") else message.finished.last_delta
+                    self._ids.extend(message.token_ids)
                     self.first.set()
             except BaseException as exc:  # noqa: BLE001 - reported by result()
                 self._error = exc
@@ -142,38 +150,25 @@ class Background:
         self._thread.start()
         assert self.first.wait(60), "the background stream never started"
 
-    def result(self) -> list:
+    def result(self) -> list[int]:
+        """Every token id it received."""
         self._thread.join(120)
         assert not self._thread.is_alive() and self._error is None, self._error
-        return self._chunks
-
-
-def _num_tokens(chunks: list) -> int:
-    return sum(len(c.token_ids) for c in chunks)
+        return self._ids
 
 
 # --- the worker -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path,type_name,streamed", PUBLIC_UNARY + WORKER_UNARY)
+@pytest.mark.parametrize("path,type_name,streamed", WORKER_UNARY)
 def test_worker_unary_request_that_does_not_parse(channel, path, type_name, streamed):
     err = _call_raw(channel, path, streamed)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == _message(type_name)
 
 
-@pytest.mark.parametrize("when", ["first", "after_turn", "during_turn"])
-def test_worker_chat_message_that_does_not_parse(channel, internal, when):
-    background = Background(channel)
-    err, received = _chat_with_bad_message(channel, when)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    assert err.details() == _message("llamagrid.v1.ChatRequest")
-    assert (received > 0) == (when != "first")
-    assert _num_tokens(background.result()) == 200  # the call beside it went on to its end
-    _wait_idle(internal)
-
-
 @pytest.mark.parametrize("when", ["first", "during_job"])
 def test_worker_generate_message_that_does_not_parse(channel, internal, when):
+    background = Background(channel, on_worker=True)
     generate = channel.stream_stream(WORKER + "Generate", request_serializer=None,
                                      response_deserializer=wpb.WorkerEvent.FromString)
     out = Outgoing()
@@ -193,6 +188,8 @@ def test_worker_generate_message_that_does_not_parse(channel, internal, when):
         out.close()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details() == _message("llamagrid.worker.v1.WorkerRequest")
+    assert (received > 0) == (when != "first")
+    assert len(background.result()) == 200  # the call beside it went on to its end
     _wait_idle(internal)
 
 
@@ -238,21 +235,25 @@ def test_internal_token_is_checked_before_the_request_is_parsed():
     assert ok.model == "m"
 
 
-def test_worker_still_serves_after_garbage(inference):
-    resp = inference.Generate(pb.GenerateRequest(inputs=["hi"], parameters=pb.SamplingParameters(max_new_tokens=2)),
-                              timeout=60)
-    assert resp.outputs[0].token_ids
+def test_worker_still_serves_after_garbage(internal):
+    events = list(internal.Run(wpb.Job(request_id="guard-after", text="hi",
+                                       parameters=pb.SamplingParameters(max_new_tokens=2)), timeout=60))
+    assert events[-1].finished.usage.completion_tokens == 2
 
 
 # --- the router -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def router(worker_process):
-    with RedisServer() as redis:
-        key = create_keys(redis.url, {"pro": ("pro", [])})["pro"]
-        config = RouterConfig(port=0, workers=worker_process.address, redis_url=redis.url, redis_timeout_s=0.5)
-        with router_in_thread(config, num_workers=1, probe_key=key) as address, grpc.insecure_channel(address) as ch:
-            yield ch, auth(key)
+def fake_worker(module_fakes):
+    return module_fakes.start(Script(token_delay_s=0.003))  # the 200-token background stream runs 0.6 s
+
+
+@pytest.fixture(scope="module")
+def router(redis_server, fake_worker):
+    key = create_keys(redis_server.url, {"pro": ("pro", [])})["pro"]
+    config = RouterConfig(port=0, workers=fake_worker.address, redis_url=redis_server.url, redis_timeout_s=0.5)
+    with router_in_thread(config, num_workers=1, probe_key=key) as address, grpc.insecure_channel(address) as ch:
+        yield ch, auth(key)
 
 
 @pytest.mark.parametrize("path,type_name,streamed", PUBLIC_UNARY)
@@ -264,15 +265,17 @@ def test_router_unary_request_that_does_not_parse(router, path, type_name, strea
 
 
 @pytest.mark.parametrize("when", ["first", "after_turn", "during_turn"])
-def test_router_chat_message_that_does_not_parse(router, internal, when):
+def test_router_chat_message_that_does_not_parse(router, fake_worker, when):
     channel, metadata = router
     background = Background(channel, metadata)
-    err, received = _chat_with_bad_message(channel, when, metadata)
+    err, received = _chat_with_bad_message(channel, when, (*metadata, ("x-request-id", f"guard-{when}")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert err.details() == _message("llamagrid.v1.ChatRequest")
     assert (received > 0) == (when != "first")
-    assert _num_tokens(background.result()) == 200
-    _wait_idle(internal)  # the worker's side of the rejected session was stopped too
+    assert len(background.result()) == 200
+    fake_worker.wait_idle()  # the worker's side of the rejected session was stopped too
+    if when == "during_turn":
+        assert fake_worker.job("guard-during_turn/0").outcome in ("call_cancelled", "cancelled")
 
 
 def test_router_still_serves_after_garbage(router):

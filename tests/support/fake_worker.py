@@ -73,7 +73,7 @@ class Fault:
 @dataclass
 class Script:
     model: str = "fake-llama"
-    max_context: int = 2048
+    max_context: int = 4096  # Llama-2's
     default_max_new_tokens: int = 64
     kv_capacity_tokens: int = 8192
     block_size: int = 16
