@@ -1,4 +1,4 @@
-"""A small typed client for the llamagrid `Inference` service (router or a single worker).
+"""A small typed client for llamagrid's public `Inference` service (the router).
 
     from llamagrid.client import Client
 
