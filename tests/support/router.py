@@ -26,6 +26,8 @@ from router.worker_pool import WorkerPool
 from tests.support.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+# what a clean router log never holds: a task or generator left behind, or a traceback
+FORBIDDEN = ("Task exception", "destroyed but it is pending", "aclose", "never retrieved", "Traceback")
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -176,6 +178,22 @@ def router_in_thread(config: RouterConfig, *, num_workers: int = 0, probe_key: s
         yield router.address
 
 
+def log_problems(text: str) -> list[str]:
+    """Lines of a router's stderr that are not one JSON object, or that tell of a task or generator left behind."""
+    bad = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            bad.append(line)
+            continue
+        if (not isinstance(event, dict) or any(s in line for s in FORBIDDEN)
+                or event.get("event") == "event_loop_error"  # (how the router logs asyncio's own errors)
+                or (event.get("source") == "asyncio" and event.get("level") in ("error", "critical"))):
+            bad.append(line)
+    return bad
+
+
 class RouterProcess:
     """`python -m router --port 0 --port-file ... *args` with its stderr (JSON lines) in `log_path`."""
 
@@ -197,6 +215,11 @@ class RouterProcess:
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
+
+    def log_text(self, start: int = 0) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
 
     def events(self, name: str | None = None, start: int = 0) -> list[dict]:
         """The JSON objects of its stderr from byte offset `start` (lines that do not parse are skipped), all or
