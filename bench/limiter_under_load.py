@@ -15,12 +15,12 @@ onto their local buckets, and admitted / bound (same bound, over that phase) sho
 near one tier or admit one tier each.
 
 Configurations, in one run (fresh Redis and routers each):
-- pre13: the limiter as it was before issue 13 (commit 2b650c2), put back into this tree's router by
-  `pre13_router()`: a 50 ms socket timeout and a fixed 0.25 s deadline per call, no retry on a broken connection,
+- unbounded: the limiter with an unbounded fallback (as at commit 2b650c2), put back into this tree's router by
+  `unbounded_router()`: a 50 ms socket timeout and a fixed 0.25 s deadline per call, no retry on a broken connection,
   local fallback buckets holding the whole tier, starting full (never set from Redis' answers) and forgetting what
   they admitted (never written back). Not put back: after NOSCRIPT each caller loaded the script on a connection of
   its own (a burst of new connections right after a Redis restart); this tree sends SCRIPT LOAD in the batch;
-- old: the settings before issue 13 on this tree's code — `--redis-timeout 0.05 --redis-max-timeout 0.05
+- tight: that limiter's settings on this tree's code — `--redis-timeout 0.05 --redis-max-timeout 0.05
   --fallback-share 1` (the whole tier per router, a 50 ms deadline), with the mirroring and write-back kept;
 - new: the defaults — a deadline that follows Redis' observed latency (4 x p99, floor 0.25 s, ceiling 2 s), local
   buckets holding 1 / routers alive of the tier (ratelimit.peers) mirrored from Redis' last answer, and the local
@@ -28,12 +28,12 @@ Configurations, in one run (fresh Redis and routers each):
 
 Per configuration it prints admitted, bound, admitted/bound, the local-bucket answers (router metric
 llamagrid_router_ratelimit_fallbacks_total, both routers), the Redis-failure episodes (`ratelimit_backend_down` log
-lines) and the charges written back (llamagrid_router_ratelimit_replayed_total); then new/pre13 and new/old of
-admitted/bound and of the local answers. Acceptance (issue 13): under CPU load the new configuration's
+lines) and the charges written back (llamagrid_router_ratelimit_replayed_total); then new/unbounded and new/tight of
+admitted/bound and of the local answers. Target: under CPU load the new configuration's
 admitted/bound is at most 1.10.
 
     .venv/bin/python bench/limiter_under_load.py                       # about 40 s
-    .venv/bin/python bench/limiter_under_load.py --configs pre13,new --down-seconds 0 --json out.json
+    .venv/bin/python bench/limiter_under_load.py --configs unbounded,new --down-seconds 0 --json out.json
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 BOUND_RATIO_TARGET = 1.10
 OLD_FLAGS = ("--redis-timeout", "0.05", "--redis-max-timeout", "0.05", "--fallback-share", "1")
-CONFIGS: dict[str, tuple[str, ...]] = {"pre13": OLD_FLAGS, "old": OLD_FLAGS, "new": ()}
+CONFIGS: dict[str, tuple[str, ...]] = {"unbounded": OLD_FLAGS, "tight": OLD_FLAGS, "new": ()}
 ROUTER = ("-m", "router")
-PRE13_ROUTER = ("-c", "from bench.limiter_under_load import pre13_router; pre13_router()")
-LAUNCHERS = {"pre13": PRE13_ROUTER}
+UNBOUNDED_ROUTER = ("-c", "from bench.limiter_under_load import unbounded_router; unbounded_router()")
+LAUNCHERS = {"unbounded": UNBOUNDED_ROUTER}
 TIER = "metered"
 FALLBACKS_METRIC = "llamagrid_router_ratelimit_fallbacks_total"
 REPLAYED_METRIC = "llamagrid_router_ratelimit_replayed_total"
@@ -169,10 +169,10 @@ def ratio(new: float, old: float) -> float:
 
 
 def compare(results: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """new/baseline of admitted/bound and of the local-bucket answers, per baseline (pre13, old) and phase that
-    both ran: keys like "load new/pre13"."""
+    """new/baseline of admitted/bound and of the local-bucket answers, per baseline (unbounded, tight) and phase that
+    both ran: keys like "load new/unbounded"."""
     out = {}
-    for baseline in ("pre13", "old"):
+    for baseline in ("unbounded", "tight"):
         if baseline not in results or "new" not in results:
             continue
         for phase in ("load", "down"):
@@ -186,9 +186,9 @@ def compare(results: dict[str, dict]) -> dict[str, dict[str, float]]:
 # ---- processes
 
 
-def pre13_router() -> None:
-    """`python -m router` with this tree's limiter put back the way it worked before issue 13 (commit 2b650c2),
-    for the `pre13` baseline; run with OLD_FLAGS. Put back: a client that never retries (socket timeout 50 ms) and
+def unbounded_router() -> None:
+    """`python -m router` with this tree's limiter put back the way it worked at commit 2b650c2 (an unbounded fallback),
+    for the `unbounded` baseline; run with OLD_FLAGS. Put back: a client that never retries (socket timeout 50 ms) and
     a fixed 0.25 s deadline per call; local buckets that are never set from Redis' answers (so a fallback starts
     from a full bucket) and charges that are never written back. Not put back: the script (re)load that each
     caller did on its own connection after NOSCRIPT."""
@@ -447,7 +447,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="busy-loop processes during the under-load phase (default: 2 per CPU)")
     p.add_argument("--concurrency", type=int, default=64, help="clients calling at once, through both routers")
     p.add_argument("--heartbeat", type=float, default=0.5, help="the routers' --router-heartbeat")
-    p.add_argument("--configs", default="pre13,old,new", help=f"configurations to run, in order: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="unbounded,tight,new",
+                   help=f"configurations to run, in order: {', '.join(CONFIGS)}")
     p.add_argument("--keep-logs", action="store_true", help="keep the routers' logs (printed: where)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)

@@ -1,1 +1,1 @@
-"""llamagrid router: the public gRPC entry (see issue 3)."""
+"""llamagrid router: the public gRPC entry (API keys, rate limits, balancing, relay and failover)."""

@@ -29,7 +29,7 @@ from router.config import build_parser, config_from_args
 
 
 def test_bound_is_burst_plus_rate_times_elapsed():
-    assert bound(10, 60.0, 7.6) == pytest.approx(17.6)  # the issue's figure
+    assert bound(10, 60.0, 7.6) == pytest.approx(17.6)  # 10 rpm burst, 7.6 s: 17.6 calls at most
     assert bound(5, 120.0, 0.0) == 5
     assert bound(5, 120.0, -1.0) == 5
 
@@ -91,25 +91,25 @@ def test_compare_is_new_over_each_baseline():
     def run(ratio: float, fallbacks: int) -> dict:
         return {"load": {"admitted_over_bound": ratio, "fallbacks": fallbacks}}
 
-    c = compare({"pre13": run(2.0, 100), "old": run(1.5, 50), "new": run(1.0, 0)})
-    assert c == {"load new/pre13": {"admitted_over_bound": 0.5, "fallbacks": 0.0},
-                 "load new/old": {"admitted_over_bound": 1.0 / 1.5, "fallbacks": 0.0}}
+    c = compare({"unbounded": run(2.0, 100), "tight": run(1.5, 50), "new": run(1.0, 0)})
+    assert c == {"load new/unbounded": {"admitted_over_bound": 0.5, "fallbacks": 0.0},
+                 "load new/tight": {"admitted_over_bound": 1.0 / 1.5, "fallbacks": 0.0}}
     assert compare({"new": run(1.0, 0)}) == {}
-    zero = compare({"old": run(1.0, 0), "new": run(1.0, 0)})["load new/old"]
+    zero = compare({"tight": run(1.0, 0), "new": run(1.0, 0)})["load new/tight"]
     assert math.isnan(zero["fallbacks"])
 
 
 def test_parse_args_defaults_and_errors():
     args = parse_args([])
-    assert args.configs == ["pre13", "old", "new"] and args.seconds > 0 and args.down_seconds > 0
-    assert parse_args(["--configs", " new ,old", "--down-seconds", "0"]).configs == ["new", "old"]
+    assert args.configs == ["unbounded", "tight", "new"] and args.seconds > 0 and args.down_seconds > 0
+    assert parse_args(["--configs", " new ,tight", "--down-seconds", "0"]).configs == ["new", "tight"]
     for bad in (["--configs", "newest"], ["--configs", ","], ["--seconds", "0"], ["--burst", "0"],
                 ["--concurrency", "0"], ["--burners", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
 
-def test_old_flags_are_the_settings_before_issue_13():
+def test_tight_flags_are_the_unbounded_limiters_settings():
     config = config_from_args(build_parser().parse_args([*OLD_FLAGS, "--workers", "127.0.0.1:1"]), {})
     assert (config.redis_timeout_s, config.redis_max_timeout_s, config.fallback_share) == (0.05, 0.05, 1.0)
-    assert CONFIGS["new"] == () and set(LAUNCHERS) == {"pre13"}
+    assert CONFIGS["new"] == () and set(LAUNCHERS) == {"unbounded"}
