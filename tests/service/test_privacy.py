@@ -1,26 +1,24 @@
 """Nothing a user sends or gets back reaches a log: a canary string goes through every RPC of the router and of a
-worker, in success and failure paths, with every process at debug level (gRPC's own verbosity too), and must not
-appear in any log line, in any case."""
+worker's Worker API, in success and failure paths, with every process at debug level (gRPC's own verbosity too), and
+must not appear in any log line, in any case. A real worker (it is its logging that is checked), the session's one
+that requires the internal token, behind a real router process."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import grpc
 import pytest
 
+from common.internal_auth import INTERNAL_TOKEN_ENV, token_metadata
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
-from ratelimit.redis_server import RedisServer
-from tests.service.router_harness import auth, create_keys
-from worker.launch import start_worker
+from tests.support.router import RouterProcess, auth, create_keys, wait_routable
+from tests.support.waits import wait_until
+from tests.support.workers import INTERNAL_TOKEN
 
 CANARY = "Zq7canaryXw9"
 PROMPT = f"please repeat {CANARY} and {CANARY.lower()} twice"
@@ -38,47 +36,19 @@ DEBUG_ENV = {"GRPC_VERBOSITY": "debug"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
+def cluster(token_worker, redis_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("privacy")
-    worker_log = tmp / "worker.log"
-    router_log = tmp / "router.log"
-    with open(worker_log, "wb") as log:
-        worker = start_worker(tiny_model_dir, "--kv-cache-tokens", "4096", "--num-threads", "1", "--log-level",
-                              "debug", env=DEBUG_ENV, stderr=log)
-    router = None
+    keys = create_keys(redis_server.url, {"pro": ("pro", []), "one": ("one", [])})
+    tiers = tmp / "tiers.toml"
+    tiers.write_text(TIERS)
+    router = RouterProcess(tmp / "router.log", "--workers", token_worker.address, "--redis-url", redis_server.url,
+                           "--tiers", str(tiers), "--log-level", "debug",
+                           env={**os.environ, **DEBUG_ENV, INTERNAL_TOKEN_ENV: INTERNAL_TOKEN})
     try:
-        with RedisServer() as redis_server:
-            keys = create_keys(redis_server.url, {"pro": ("pro", []), "one": ("one", [])})
-            tiers = tmp / "tiers.toml"
-            tiers.write_text(TIERS)
-            port_file = tmp / "router.port"
-            with open(router_log, "wb") as log:
-                router = subprocess.Popen(
-                    [sys.executable, "-m", "router", "--workers", worker.address, "--port", "0", "--port-file",
-                     str(port_file), "--redis-url", redis_server.url, "--tiers", str(tiers), "--log-level", "debug"],
-                    env={**os.environ, **DEBUG_ENV}, stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 30
-            while not port_file.exists():
-                assert router.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            address = f"127.0.0.1:{port_file.read_text()}"
-            with grpc.insecure_channel(address) as ch:
-                stub = pb_grpc.InferenceStub(ch)
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        stub.CountTokens(pb.CountTokensRequest(text="x"), metadata=auth(keys["pro"]), timeout=5)
-                        break
-                    except grpc.RpcError:
-                        assert time.monotonic() < deadline
-                        time.sleep(0.1)
-            yield {"router": address, "worker": worker.address, "keys": keys, "logs": [worker_log, router_log],
-                   "router_proc": router}
+        wait_routable(router.address, keys["pro"])
+        yield {"router": router, "worker": token_worker, "keys": keys}
     finally:
-        if router is not None and router.poll() is None:
-            router.send_signal(signal.SIGTERM)
-            router.wait(30)
-        worker.stop()
+        router.stop()
 
 
 def _call(fn) -> grpc.StatusCode:
@@ -147,12 +117,14 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
         for _ in range(2):
             out["rate_limited"] = _call(lambda: stub.Generate(pb.GenerateRequest(inputs=[PROMPT], parameters=ok),
                                                               metadata=one_key_metadata, timeout=30))
+    out["last"] = _call(lambda: stub.CountTokens(pb.CountTokensRequest(text=PROMPT), timeout=30,
+                                                 metadata=(*metadata, ("x-request-id", "privacy-last"))))
     return out
 
 
 def test_no_user_text_in_any_log(cluster):
     keys = cluster["keys"]
-    with grpc.insecure_channel(cluster["router"]) as ch:
+    with grpc.insecure_channel(cluster["router"].address) as ch:
         codes = _exercise(pb_grpc.InferenceStub(ch), auth(keys["pro"]), auth(f"lg_{CANARY}_{CANARY}"),
                           auth(keys["one"]))
     assert codes["generate"] == codes["stream"] == codes["chat"] == codes["count"] == grpc.StatusCode.OK
@@ -161,14 +133,75 @@ def test_no_user_text_in_any_log(cluster):
     assert codes["deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
     assert codes["bad_key"] == grpc.StatusCode.UNAUTHENTICATED
     assert codes["rate_limited"] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with grpc.insecure_channel(cluster["worker"]) as ch:  # the worker's own public API and its internal one
-        direct = _exercise(pb_grpc.InferenceStub(ch), (), None, None)
-        assert direct["generate"] == grpc.StatusCode.OK and direct["invalid_params"] == grpc.StatusCode.INVALID_ARGUMENT
-        job = wpb.Job(request_id="privacy", text=PROMPT, parameters=pb.SamplingParameters(max_new_tokens=4),
-                      resume_token_ids=[5, 6])
-        assert list(wpb_grpc.WorkerStub(ch).Generate(iter([wpb.WorkerRequest(job=job)]), timeout=30))
-    time.sleep(1.0)  # let the last log lines land
-    for path in cluster["logs"]:
+    with grpc.insecure_channel(cluster["worker"].address) as ch:  # the worker's own API
+        direct = _exercise_worker(wpb_grpc.WorkerStub(ch))
+    assert direct["run"] == direct["generate"] == direct["chat"] == direct["count"] == grpc.StatusCode.OK
+    assert direct["invalid_params"] == direct["bad_role"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert direct["unknown_model"] == grpc.StatusCode.NOT_FOUND
+    assert direct["deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the last lines of both: the router's last call and the worker's last job are logged as finished
+    router = cluster["router"]
+    router.wait_event("request_finished", where=lambda e: e.get("request_id") == "privacy-last")
+    wait_until(lambda: [e for e in cluster["worker"].events("request_finished") if e["request_id"] == "privacy-last"],
+               "the worker's last job to be logged")
+    for path in (cluster["worker"].log_path, router.log_path):
         text = path.read_text(errors="replace")
         assert text.count("\n") > 20, f"{path.name}: suspiciously few log lines"
         assert CANARY.lower() not in text.lower(), f"{path.name} contains user text"
+
+
+def _exercise_worker(stub: wpb_grpc.WorkerStub) -> dict[str, grpc.StatusCode]:
+    """Every Worker RPC with the canary in every field a router passes through, in success and failure paths."""
+    md = token_metadata(INTERNAL_TOKEN)
+    ok = pb.SamplingParameters(max_new_tokens=6, temperature=0.0)
+    stop = pb.SamplingParameters(max_new_tokens=6, temperature=0.8, seed=1, stop=[CANARY, "the"])
+    bad = pb.SamplingParameters(max_new_tokens=6, temperature=-1.0, stop=[CANARY])
+    long = pb.SamplingParameters(max_new_tokens=500, temperature=0.0, ignore_eos=True)
+    messages = [pb.ChatMessage(role="system", content=f"system {CANARY}"), pb.ChatMessage(role="user", content=PROMPT)]
+
+    def job(request_id: str, params: pb.SamplingParameters = ok, **fields) -> wpb.Job:
+        out = wpb.Job(request_id=request_id, parameters=params, tenant="privacy", **fields)
+        if "chat" not in fields and "token_ids" not in fields:
+            out.text = PROMPT
+        return out
+
+    def run(j: wpb.Job, timeout: float = 30):
+        return _call(lambda: stub.Run(j, metadata=md, timeout=timeout))
+
+    chat_job = job("privacy-chat", stop, chat=wpb.ChatMessages(messages=messages))
+    out = {
+        "run": run(job("privacy-run")),
+        "run_stop": run(job("privacy-stop", stop)),
+        "generate": _call(lambda: stub.Generate(iter([wpb.WorkerRequest(job=job("privacy-gen"))]), metadata=md,
+                                                timeout=30)),
+        "chat": run(chat_job),
+        "count": _call(lambda: stub.CountTokens(pb.CountTokensRequest(text=PROMPT), metadata=md, timeout=30)),
+        "count_chat": _call(lambda: stub.CountTokens(pb.CountTokensRequest(chat=pb.ChatTurn(messages=messages)),
+                                                     metadata=md, timeout=30)),
+        "invalid_params": run(job("privacy-bad", bad)),
+        "bad_role": run(job("privacy-role", chat=wpb.ChatMessages(messages=[pb.ChatMessage(role=CANARY,
+                                                                                         content=PROMPT)]))),
+        "too_long": run(job("privacy-long", text=PROMPT * 3000)),
+        "unknown_model": run(job("privacy-model", model=CANARY)),
+        "deadline": run(job("privacy-deadline", long), timeout=0.5),
+        "resumed": run(job("privacy-resume", pb.SamplingParameters(max_new_tokens=4), resume_token_ids=[5, 6])),
+    }
+    call = stub.Run(job("privacy-cancelled", long), metadata=md, timeout=30)
+    next(call)
+    call.cancel()
+    out["cancelled"] = grpc.StatusCode.CANCELLED
+
+    cancel_now = threading.Event()
+
+    def job_then_cancel():
+        yield wpb.WorkerRequest(job=job("privacy-cancel-msg", long))
+        cancel_now.wait(30)
+        yield wpb.WorkerRequest(cancel=wpb.Cancel())
+
+    for event in stub.Generate(job_then_cancel(), metadata=md, timeout=30):
+        cancel_now.set()
+        if event.HasField("finished"):
+            break
+    out["cancel_message"] = grpc.StatusCode.OK
+    out["last"] = run(job("privacy-last"))
+    return out
