@@ -1,11 +1,11 @@
-"""Issue 13: one key's admissions through two routers sharing one Redis stay within its token bucket's bound
-(burst + rate x elapsed, +10%) — with every CPU of the host busy (Redis healthy, but the routers slow to hear it),
-and with Redis stopped (fail-open: each router's local buckets hold its half of the tier, mirrored from Redis' last
-answer, so the two together admit about one tier, not one each).
+"""One key's admissions through two routers sharing one Redis stay within its token bucket's bound (burst + rate x
+elapsed, +10%) — with every CPU of the host busy (Redis healthy, but the routers slow to hear it), and with Redis
+stopped (fail-open: each router's local buckets hold its half of the tier, mirrored from Redis' last answer, so the
+two together admit about one tier, not one each).
 
 Real processes: redis-server, two `python -m router` (no worker: ListModels is metered and needs none), busy-loop
-CPU burners; the scenario's pieces are bench/limiter_under_load.py's, which measures the same against the settings
-before issue 13 (a fixed 50 ms deadline, the whole tier per router)."""
+CPU burners; the scenario's pieces are bench/limiter_under_load.py's, which measures the same against the older
+settings (a fixed 50 ms deadline, the whole tier per router)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_admissions_stay_within_the_bound_with_the_cpus_saturated(tmp_path):
 
 @pytest.mark.parametrize(("share", "within"), [
     (None, True),  # default: 1 / routers alive
-    ("1", False),  # each router's local buckets hold the whole tier (the sizing before issue 13)
+    ("1", False),  # each router's local buckets hold the whole tier (the older sizing)
 ], ids=["share-of-routers-alive", "whole-tier-each"])
 def test_with_redis_stopped_two_routers_admit_about_one_tier(tmp_path, share, within):
     with cluster(tmp_path, *(("--fallback-share", share) if share else ())) as (redis, pair):

@@ -83,6 +83,7 @@ class Script:
     accept_delay_s: float = 0.0  # a job waits this long (counted as waiting in Load) before it runs
     eos_after: int | None = None  # the n-th reply token is the end-of-sequence id (unless ignore_eos)
     faults: list[Fault] = field(default_factory=list)
+    serving: bool = True  # health at start (NOT_SERVING: a replica that never finishes starting)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -356,6 +357,8 @@ class FakeWorker:
             self._call(self._stop(grace_s), timeout_s=(grace_s or 0) + 10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        with contextlib.suppress(Exception):  # handlers' async generators, so none is finalized after close()
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()
         self._thread = self._loop = self._server = None
 
@@ -429,12 +432,16 @@ class FakeWorker:
         if port == 0:
             raise RuntimeError(f"the fake worker could not bind port {self.port}")
         await self._server.start()
-        await self._set_health(SERVING)
+        await self._set_health(SERVING if self.script.serving else NOT_SERVING)
         return port
 
     async def _stop(self, grace_s: float | None) -> None:
         self._thawed.set()
         await self._server.stop(grace_s)
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:  # whatever the server left running (a handler's watcher of its request stream)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _set_health(self, status) -> None:
         for service in ("", WORKER_SERVICE):
@@ -644,14 +651,17 @@ class FakeWorkerProcess:
     one JSON object per line, goes to `log_path`."""
 
     def __init__(self, log_path: Path, script: Script | None = None, *, port: int = 0,
-                 internal_token: str | None = None, timeout_s: float = 30.0) -> None:
+                 internal_token: str | None = None, timeout_s: float = 30.0, exit_after_s: float | None = None,
+                 ) -> None:
+        """`exit_after_s`: the process exits by itself (status 2, as a crash) that long after it serves."""
         self.log_path = log_path
         self.script = script or Script()
         port_file = Path(tempfile.mkdtemp(prefix="fake-worker-")) / "port"
         env = {**os.environ, **({INTERNAL_TOKEN_ENV: internal_token} if internal_token else {})}
+        extra = ["--exit-after", str(exit_after_s)] if exit_after_s is not None else []
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.fake_worker", "--port", str(port),
-                                          "--port-file", str(port_file), "--script", self.script.to_json()],
+                                          "--port-file", str(port_file), "--script", self.script.to_json(), *extra],
                                          cwd=ROOT, env=env, stderr=log)
         try:
             text = wait_until(lambda: port_file.exists() and port_file.read_text() or self.proc.poll() is not None,
@@ -691,6 +701,50 @@ class FakeWorkerProcess:
         return self.proc.wait()
 
 
+class Respawner:
+    """What a supervisor does for a fake worker process: start it again on the same port whenever it exits, until
+    stopped. Life n logs to `<base>-<n>.stderr`; `exit_codes` holds how each life ended."""
+
+    def __init__(self, base: Path, script: Script, port: int = 0, **kwargs) -> None:
+        self.base, self.script, self.kwargs = base, script, kwargs
+        self.lives: list[FakeWorkerProcess] = []
+        self.exit_codes: list[int] = []
+        self._stop = threading.Event()
+        self._spawn(port)
+        self.port = self.lives[0].port
+        self._thread = threading.Thread(target=self._watch, name="fake-respawner", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, port: int) -> None:
+        self.lives.append(FakeWorkerProcess(self.base.with_name(f"{self.base.name}-{len(self.lives) + 1}.stderr"),
+                                            self.script, port=port, **self.kwargs))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            code = self.lives[-1].proc.wait()
+            if self._stop.is_set():
+                return
+            self.exit_codes.append(code)
+            self._spawn(self.port)
+
+    def events(self, name: str | None = None, life: int | None = None) -> list[dict]:
+        """Events of one life (1-based), or of all."""
+        lives = self.lives if life is None else [self.lives[life - 1]]
+        return [e for p in list(lives) for e in p.events(name)]
+
+    def stop(self) -> None:
+        self._stop.set()
+        for life in list(self.lives):
+            life.stop()
+        self._thread.join(10)
+        for life in list(self.lives):  # (one the watcher may have started meanwhile)
+            life.stop()
+
+
 def _log_event(name: str, record: JobRecord) -> None:
     sys.stderr.write(json.dumps({"event": name, **record.summary()}) + "\n")
     sys.stderr.flush()
@@ -701,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--script", default="{}", help="a Script as JSON")
+    parser.add_argument("--exit-after", type=float, default=None, help="exit with status 2 this long after serving")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -712,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(str(fake.port))
     tmp.rename(args.port_file)
     _log_event_plain("fake_worker_serving", port=fake.port, model=fake.script.model)
+    if args.exit_after is not None and not stop.wait(args.exit_after):
+        _log_event_plain("fake_worker_crashing")
+        os._exit(2)
     while not stop.wait(1.0):  # (a plain wait() may not wake for the signal handler)
         pass
     fake.stop(grace_s=5)

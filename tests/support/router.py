@@ -152,7 +152,13 @@ def serve_router(config: RouterConfig, *, num_workers: int = 0, timeout_s: float
         await state["stop"].wait()
         await cleanup()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    def run() -> None:
+        loop.run_until_complete(main())
+        # as asyncio.run does: async generators left suspended (a worker call's request stream) are closed while
+        # the loop still runs, not finalized by the garbage collector after it closed
+        loop.run_until_complete(loop.shutdown_asyncgens())
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(timeout_s + 15), "router did not start"
     if "error" in state:
