@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -144,7 +145,7 @@ class DelayProxy:
                 due, data = await replies.get()
                 if not data:
                     return
-                await asyncio.sleep(max(0.0, due - loop.time()))
+                await asyncio.sleep(max(0.0, due - loop.time()))  # the delay this proxy exists to add
                 client_w.write(data)
                 await client_w.drain()
 
@@ -171,9 +172,12 @@ def test_a_slow_healthy_redis_does_not_trip_the_fallback_once_the_deadline_adapt
     async def body():
         proxy = await DelayProxy(redis_server.port).start()
         # as build_router makes them: socket timeout at the ceiling, deadline adapting from the floor (here 1 s
-        # rather than the default 2 s, to keep the stalled case short); and two fixed deadlines as before issue 13
+        # rather than the default 2 s, to keep the stalled case short); and two fixed deadlines, the older settings.
+        # The adaptive limiter's clock can be moved on: its fallback cooldown is passed without waiting it out.
+        skew = [0.0]
         adaptive_client = connect(proxy.url, timeout_s=1.0, connect_timeout_s=0.25)
-        adaptive = GuardedLimiter(RateLimiter(adaptive_client, timeout_s=0.25, max_timeout_s=1.0), LocalLimiter())
+        adaptive = GuardedLimiter(RateLimiter(adaptive_client, timeout_s=0.25, max_timeout_s=1.0), LocalLimiter(),
+                                  clock=lambda: time.monotonic() + skew[0])
         fixed_client = connect(proxy.url, timeout_s=0.25)
         fixed = GuardedLimiter(RateLimiter(fixed_client, timeout_s=0.25), LocalLimiter(), cooldown_s=0.0)
         old_client = connect(proxy.url, timeout_s=0.05)
@@ -207,7 +211,7 @@ def test_a_slow_healthy_redis_does_not_trip_the_fallback_once_the_deadline_adapt
             assert adaptive.counters.fallbacks == 0
             assert adaptive.redis.deadline.timeout_s >= 0.8
 
-            proxy.delay_s = 0.35  # past the 0.25 s deadline before issue 13, well within the adapted one
+            proxy.delay_s = 0.35  # past the older fixed 0.25 s deadline, well within the adapted one
             fixed_before = fixed.counters.fallbacks
             await rounds(adaptive, fixed)
             assert adaptive.counters.fallbacks == 0 and adaptive.counters.backend_errors == 0
@@ -221,7 +225,7 @@ def test_a_slow_healthy_redis_does_not_trip_the_fallback_once_the_deadline_adapt
             assert adaptive.counters.backend_errors == 4  # (all four were in flight together)
 
             proxy.delay_s = 0.0  # quiet again: the deadline comes back down (to the floor on an idle host)
-            await asyncio.sleep(adaptive.cooldown_s)
+            skew[0] += adaptive.cooldown_s  # the cooldown after those failures is over: Redis is tried again
             for _ in range(18):  # more than a window (256) of fast round trips
                 assert not any(d.degraded for d in await calls(adaptive))
             assert adaptive.redis.deadline.timeout_s < 1.0

@@ -17,15 +17,9 @@ import pytest
 from ratelimit.limiter import connect
 from ratelimit.peers import PeerRegistry
 from ratelimit.redis_server import RedisServer
+from tests.support.waits import until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-async def until(predicate, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def _key() -> str:

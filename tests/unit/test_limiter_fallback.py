@@ -1,4 +1,4 @@
-"""The bounded fail-open fallback (issue 13): local buckets hold a router's share of a tier, start where Redis last
+"""The bounded fail-open fallback: local buckets hold a router's share of a tier, start where Redis last
 stood, and what they admitted is written back to Redis on recovery; the Redis deadline follows observed round
 trips; per-key concurrency caps are split among routers. Pure logic: a fake Redis limiter and an injected clock."""
 

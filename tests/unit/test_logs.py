@@ -106,7 +106,7 @@ loop = asyncio.new_event_loop()
 failed = loop.create_task(fail(), name=SECRET)
 pending = loop.create_task(forever(), name=SECRET)
 loop.call_soon(raiser, SECRET)
-loop.run_until_complete(asyncio.sleep(0.01))
+loop.run_until_complete(asyncio.wait([failed]))  # (the others were scheduled before it ends)
 loop.close()
 del failed, pending
 gc.collect()
