@@ -23,7 +23,7 @@ from router.errors import SessionOver
 from router.keys import KeyRecord
 from router.metrics import RouterMetrics
 from router.outbox import Outbox
-from router.relay import Relay, new_job, renames
+from router.relay import FollowUps, Relay, new_job, renames
 
 log = structlog.get_logger("router.server")
 
@@ -67,7 +67,7 @@ class ChatCall:
         self.session = ChatSession(request_id=record.request_id)
         self.inbox = Outbox()
         self.turn: asyncio.Task | None = None
-        self.outbound: asyncio.Queue | None = None  # the current turn's messages to its worker (Cancel; None ends)
+        self.follow_ups: FollowUps | None = None  # the current turn's cancel and end, for its worker streams
         self.sent_metadata = False
         self.expiring = False
         loop = self.loop = asyncio.get_running_loop()
@@ -87,8 +87,8 @@ class ChatCall:
                 elif isinstance(item, Exception):
                     raise item
                 elif index is None and item.HasField("cancel"):
-                    if self.outbound is not None:
-                        self.outbound.put_nowait(wpb.WorkerRequest(cancel=wpb.Cancel()))
+                    if self.follow_ups is not None:
+                        self.follow_ups.cancel()
                 elif index is None:
                     await self._start_turn(item.turn)
                 elif item.HasField("delta"):
@@ -108,9 +108,9 @@ class ChatCall:
         finally:
             self.inbox.put(_CLOSED)
 
-    async def _pump(self, job: wpb.Job, outbound: asyncio.Queue, record: CallRecord) -> None:
+    async def _pump(self, job: wpb.Job, follow_ups: FollowUps, record: CallRecord) -> None:
         try:
-            async for event in self.relay.events(job, self.context, prefer=self.session.address, requests=outbound,
+            async for event in self.relay.events(job, self.context, prefer=self.session.address, follow_ups=follow_ups,
                                                  on_address=self.session.pin, record=record, renamed=renames(job)):
                 self.inbox.put_event(0, event)
         except Exception as exc:
@@ -141,11 +141,11 @@ class ChatCall:
                       tier.weight if tier is not None else 1)
         job.chat.messages.extend(turn.messages)
         job.history_token_ids.extend(session.history)
-        self.outbound = asyncio.Queue()
+        self.follow_ups = FollowUps()
         # the session's key was verified when it opened: a turn may go ahead when its room allows
         ahead = self.admission.room_ahead(self.key, cost)
         if ahead:  # the turn runs while its admission is in flight; its events wait in the inbox
-            self.turn = asyncio.create_task(self._pump(job, self.outbound, record))
+            self.turn = asyncio.create_task(self._pump(job, self.follow_ups, record))
         try:
             await self._admit_turn(cost, record, field_)
         except BaseException:
@@ -159,7 +159,7 @@ class ChatCall:
         if ahead:
             self.metrics.dispatch_ahead("kept")
         else:
-            self.turn = asyncio.create_task(self._pump(job, self.outbound, record))
+            self.turn = asyncio.create_task(self._pump(job, self.follow_ups, record))
         await self.admission.headers_out(record)  # the headers go out before any event of the session
 
     async def _admit_turn(self, cost: int, record: CallRecord, field_: str) -> None:
@@ -176,8 +176,8 @@ class ChatCall:
             yield pb.ChatEvent(delta=pb.ChatDelta(text=fin.last_delta.text, token_ids=fin.last_delta.token_ids))
         self.session.history = list(fin.history_token_ids)
         await self.turn
-        self.outbound.put_nowait(None)  # half-close the finished turn's worker stream (ends its reader)
-        self.turn, self.outbound = None, None
+        self.follow_ups.close()  # half-close the finished turn's worker stream (ends its reader)
+        self.turn, self.follow_ups = None, None
         self.record.add_usage(fin.usage)
         self.admission.settle(self.record)
         log_finished(self.record, grpc.StatusCode.OK)
@@ -190,12 +190,12 @@ class ChatCall:
         self.aged.cancel()
         self.idle.cancel()
         reader.cancel()
-        if self.outbound is not None:
-            # half-close the current turn's worker stream. When its worker call is already over (the worker refused
-            # the turn, or the job finished and the client left before its end was relayed), cancelling the call or
-            # the turn does nothing, and gRPC's task feeding the call's requests would wait on this queue forever,
-            # to be destroyed pending by the garbage collector ("Task was destroyed but it is pending!")
-            self.outbound.put_nowait(None)
+        if self.follow_ups is not None:
+            # half-close the current turn's worker streams. When a worker call is already over (the worker refused
+            # the turn, it failed over, or the job finished and the client left before its end was relayed),
+            # cancelling the call or the turn does nothing, and gRPC's task feeding the call's requests would wait
+            # forever, to be destroyed pending by the garbage collector ("Task was destroyed but it is pending!")
+            self.follow_ups.close()
         if self.turn is not None:
             self.turn.cancel()
         # both are awaited: a task left pending or with an unread exception would be reported by asyncio

@@ -80,10 +80,45 @@ class _Failover:
     wait_until: float | None = None
 
 
-async def _outbound(job: wpb.Job, requests: asyncio.Queue) -> AsyncIterator[wpb.WorkerRequest]:
-    yield wpb.WorkerRequest(job=job)
-    while (msg := await requests.get()) is not None:
-        yield msg
+class FollowUps:
+    """What follows a job on its worker stream: a cancel, then the end (the stream half-closed). Kept as state, not
+    queued: every worker call that carries the job (the first, then each one after a failover) gets it all, and a
+    dead call's request stream can take nothing away from the next one's."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.closed = False
+        self._woken: set[asyncio.Event] = set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for event in self._woken:
+            event.set()
+
+    async def requests(self, job: wpb.Job) -> AsyncIterator[wpb.WorkerRequest]:
+        """One worker call's request stream: the job, the cancel once it is asked for, until close()."""
+        woken = asyncio.Event()
+        self._woken.add(woken)
+        try:
+            yield wpb.WorkerRequest(job=job)
+            sent_cancel = False
+            while True:
+                woken.clear()  # before the checks: a wake-up after them is not lost
+                if self.cancelled and not sent_cancel:
+                    sent_cancel = True
+                    yield wpb.WorkerRequest(cancel=wpb.Cancel())
+                if self.closed:
+                    return
+                await woken.wait()
+        finally:
+            self._woken.discard(woken)
 
 
 async def _drain(call) -> None:
@@ -101,7 +136,7 @@ class Relay:
         self.background = background if background is not None else Background()
 
     async def events(self, job: wpb.Job, context, *, prefer: str | None = None,
-                     requests: asyncio.Queue | None = None, on_address: Callable[[str], None] | None = None,
+                     follow_ups: FollowUps | None = None, on_address: Callable[[str], None] | None = None,
                      record: CallRecord | None = None,
                      renamed: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[wpb.WorkerEvent]:
         """Run one job on a worker and yield its events, failing over when the worker goes away.
@@ -112,8 +147,8 @@ class Relay:
         sampling: every unseeded job is seeded, new_job) and the caller sees one unbroken stream. Up to
         config.retry_attempts failovers per job; while no other worker is healthy the job waits for one (a
         restarted replica counts) until its deadline or config.failover_wait_s. `prefer` names the worker to try
-        first while it is healthy (a Chat session's). `requests` (optional) feeds later messages (Cancel) to the
-        worker stream; None there half-closes it. `on_address` learns each worker that starts producing events.
+        first while it is healthy (a Chat session's). `follow_ups` (optional): the job's cancel and end, sent on
+        its worker stream. `on_address` learns each worker that starts producing events.
         `record` (optional) learns the first token's time, the failovers and the last worker. `renamed`: how the
         job's field names read in the client's request (renames)."""
         state = _Failover(job, job, job.parameters.max_new_tokens or self.pool.default_max_new_tokens(job.model))
@@ -123,7 +158,7 @@ class Relay:
             if record is not None:
                 record.worker = target
             lease = self.pool.acquire(target, state.pending - len(state.streamed))
-            call = self._call(target, state.current, context, requests)
+            call = self._call(target, state.current, context, follow_ups)
             started = finished = False
             try:
                 async for event in call:
@@ -150,12 +185,12 @@ class Relay:
                 else:
                     call.cancel()
 
-    def _call(self, target: str, job: wpb.Job, context, requests: asyncio.Queue | None):
+    def _call(self, target: str, job: wpb.Job, context, follow_ups: FollowUps | None):
         stub = self.pool.stub(target)
         metadata = (("x-request-id", job.request_id), *self.pool.metadata)
-        if requests is None:  # nothing will follow the job: the one-message call starts in one round trip
+        if follow_ups is None:  # nothing will follow the job: the one-message call starts in one round trip
             return stub.Run(job, timeout=context.time_remaining(), metadata=metadata)
-        return stub.Generate(_outbound(job, requests), timeout=context.time_remaining(), metadata=metadata)
+        return stub.Generate(follow_ups.requests(job), timeout=context.time_remaining(), metadata=metadata)
 
     async def _target(self, state: _Failover, context, prefer: str | None) -> str:
         """A healthy worker for the job, waiting for one after a failure (a restarted replica counts)."""

@@ -164,8 +164,6 @@ def test_chat_session_moves_mid_reply_with_its_transcript(fakes, redis_server, k
     assert len(survivor.job("moving/1").history_token_ids) > len(resumed[-1].prompt_ids) + 120  # with its transcript
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: after a Chat turn fails over, the dead worker call's request "
-                   "stream still reads the turn's queue (router/relay.py _outbound) and takes the CancelTurn")
 def test_a_cancel_after_the_session_moved_reaches_the_new_worker(fakes, redis_server, key, tiers_path):
     """A Chat turn moved mid-reply to another worker, then cancelled by the client: the new worker is told, and the
     turn ends CANCELLED."""
