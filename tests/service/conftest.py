@@ -1,9 +1,10 @@
 """Workers for the gRPC tests of this package.
 
-Real workers (tiny model, real processes) are few and shared by the whole session: a pair the end-to-end tests put
-a router in front of (the first is also `worker_process`, the worker of the worker-contract tests), and one that
-requires the internal token and logs at debug level with gRPC's own debug output. Router logic is tested against
-scripted fake workers (tests/support/fake_worker.py), started in milliseconds per test or per module.
+Real workers (tiny model, real processes) are few and shared by the whole session: a pair that the end-to-end tests
+put a router in front of. The first is `worker_process`, the worker of the worker-contract tests; the second requires
+the internal token and writes gRPC's own debug output to its log too (`token_worker`: the privacy and token tests).
+Router logic is tested against scripted fake workers (tests/support/fake_worker.py), started in milliseconds per
+test or per module.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def worker_log(worker_logs):
 
 @pytest.fixture(scope="session")
 def real_workers(tiny_model_dir, worker_logs) -> Iterator[list[RealWorker]]:
-    """Two real tiny workers (started in parallel), each with /metrics; no test kills or stops them."""
+    """Two real tiny workers (started in parallel), each with /metrics; no test kills or stops them. The second
+    refuses calls without INTERNAL_TOKEN (routers in front of both are given it) and runs with GRPC_VERBOSITY=debug."""
     workers = start_real_workers(tiny_model_dir, worker_logs, *REAL_WORKER_ARGS,
-                                 metrics_ports=[free_port(), free_port()])
+                                 metrics_ports=[free_port(), free_port()],
+                                 envs=[{}, {INTERNAL_TOKEN_ENV: INTERNAL_TOKEN, "GRPC_VERBOSITY": "debug"}])
     yield workers
     for w in workers:
         w.stop()
@@ -71,14 +74,9 @@ def internal(channel):
 
 
 @pytest.fixture(scope="session")
-def token_worker(tiny_model_dir, tmp_path_factory) -> Iterator[RealWorker]:
-    """A real worker that refuses calls without INTERNAL_TOKEN, at debug level, gRPC's own logging at debug too."""
-    log = tmp_path_factory.mktemp("token-worker") / "worker.stderr"
-    (worker,) = start_real_workers(tiny_model_dir, [log], "--kv-cache-tokens", "4096", "--num-threads", "1",
-                                   "--log-level", "debug",
-                                   env={INTERNAL_TOKEN_ENV: INTERNAL_TOKEN, "GRPC_VERBOSITY": "debug"})
-    yield worker
-    worker.stop()
+def token_worker(real_workers) -> RealWorker:
+    """The real worker that refuses calls without INTERNAL_TOKEN (debug level, gRPC's own logging at debug too)."""
+    return real_workers[1]
 
 
 # ---- fake workers

@@ -10,12 +10,14 @@ import uuid
 import grpc
 import pytest
 
+from common.internal_auth import token_metadata
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from router.config import RouterConfig
 from tests.support.router import auth, new_keys, serve_router
+from tests.support.workers import INTERNAL_TOKEN
 
 PARAMS = pb.SamplingParameters(max_new_tokens=4, temperature=0.0)
 
@@ -28,7 +30,7 @@ def key(redis_server) -> str:
 @pytest.fixture(scope="module")
 def router(redis_server, real_workers):
     config = RouterConfig(port=0, workers=",".join(w.address for w in real_workers), redis_url=redis_server.url,
-                          redis_timeout_s=0.5)
+                          redis_timeout_s=0.5, internal_token=INTERNAL_TOKEN)  # (the second worker requires it)
     with serve_router(config, num_workers=2) as handle:
         yield handle
 
@@ -43,7 +45,8 @@ def _run_on_worker(address: str, text: str, params: pb.SamplingParameters) -> tu
     """Token ids and text of one job run on a worker directly (Worker.Run)."""
     with grpc.insecure_channel(address) as ch:
         events = list(wpb_grpc.WorkerStub(ch).Run(wpb.Job(request_id=f"direct-{uuid.uuid4().hex[:8]}", text=text,
-                                                          parameters=params), timeout=60))
+                                                          parameters=params), timeout=60,
+                                                  metadata=token_metadata(INTERNAL_TOKEN)))
     ids, text_out = [], []
     for e in events:
         delta = e.delta if e.HasField("delta") else e.finished.last_delta

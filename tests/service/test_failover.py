@@ -168,7 +168,7 @@ async def _run_load(address: str, key: str, requests: list[pb.GenerateRequest], 
 
         async def watch() -> None:
             while not await asyncio.to_thread(on_running, streaming):
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # (between two checks of the condition)
 
         watcher = asyncio.create_task(watch()) if on_running is not None else None
         try:

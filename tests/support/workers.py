@@ -42,14 +42,16 @@ class RealWorker:
 
 
 def start_real_workers(model_dir: Path, logs: list[Path], *args: str, env: dict[str, str] | None = None,
-                       metrics_ports: list[int] | None = None) -> list[RealWorker]:
+                       metrics_ports: list[int] | None = None,
+                       envs: list[dict[str, str]] | None = None) -> list[RealWorker]:
     """One `python -m worker --model model_dir *args` per log path (stderr there), started in parallel; with
-    `metrics_ports`, worker i serves /metrics on metrics_ports[i]."""
+    `metrics_ports`, worker i serves /metrics on metrics_ports[i]; with `envs`, worker i also gets envs[i]."""
 
     def start(i: int) -> RealWorker:
         extra = ("--metrics-port", str(metrics_ports[i])) if metrics_ports else ()
         with open(logs[i], "ab") as log:
-            proc = start_worker(model_dir, *args, *extra, env=env, stderr=log)
+            proc = start_worker(model_dir, *args, *extra, env={**(env or {}), **(envs[i] if envs else {})},
+                                stderr=log)
         return RealWorker(proc, logs[i], metrics_ports[i] if metrics_ports else None)
 
     with ThreadPoolExecutor(len(logs)) as ex:
