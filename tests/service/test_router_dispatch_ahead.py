@@ -220,12 +220,15 @@ def test_a_job_sent_ahead_is_cancelled_with_its_call(redis_server, workers, tier
             wait_until(lambda: [j for j in _long_jobs(workers, "left-ahead") if j.state == "running"],
                        "the job to run on a worker while its admission waits", 5)
             stream.cancel()
+            # the router saw the client go while the admission still waited: it stopped the job it sent ahead
+            wait_until(lambda: all(j.ended for j in _long_jobs(workers, "left-ahead")),
+                       "the job sent ahead to be stopped")
         finally:
             control.execute_command("CLIENT", "UNPAUSE")
         wait_idle(workers)
         assert [j.outcome for j in _long_jobs(workers, "left-ahead")] == ["call_cancelled"]
         wait_until(lambda: levels(redis_server.url, key.key_id) == pytest.approx(before, abs=0.01),
-                   "the abandoned admission to be refunded")
+                   "the abandoned admission to be refunded", describe=lambda: levels(redis_server.url, key.key_id))
         families = scrape(metrics_port)
         assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="cancelled") == 1
         assert value(families, "llamagrid_router_dispatch_ahead_total", outcome="kept") == 0

@@ -544,7 +544,7 @@ class FakeWorker:
             record.num_generated = len(generated)
             async for event in self._generate(record, generated, fault, cancel, context):
                 yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: cancelled while at a yield)
             if not record.outcome:
                 record.outcome = "call_cancelled"
             raise

@@ -12,15 +12,18 @@ T = TypeVar("T")
 POLL_S = 0.02  # how often a condition is checked again (the wait itself ends when the condition holds)
 
 
-def wait_until(condition: Callable[[], T], what: str, timeout_s: float = 10.0, poll_s: float = POLL_S) -> T:
-    """condition()'s first truthy value; AssertionError naming `what` (and the last value) past the deadline."""
+def wait_until(condition: Callable[[], T], what: str, timeout_s: float = 10.0, poll_s: float = POLL_S,
+               describe: Callable[[], object] | None = None) -> T:
+    """condition()'s first truthy value; AssertionError naming `what` and the last value (or, with `describe`,
+    what describe() says then) past the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {value!r})")
+            last = describe() if describe is not None else value
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
         time.sleep(poll_s)
 
 
