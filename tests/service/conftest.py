@@ -16,7 +16,6 @@ import pytest
 
 from common.internal_auth import INTERNAL_TOKEN_ENV
 from common.ports import free_port
-from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from tests.support.fake_worker import FakeFleet
 from tests.support.workers import INTERNAL_TOKEN, RealWorker, start_real_workers
@@ -61,11 +60,6 @@ def worker_process(real_workers):
 def channel(worker_process):
     with grpc.insecure_channel(worker_process.address) as ch:
         yield ch
-
-
-@pytest.fixture()
-def inference(channel):
-    return pb_grpc.InferenceStub(channel)
 
 
 @pytest.fixture()
