@@ -14,7 +14,7 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from ratelimit.redis_server import RedisServer
 from router.keys import parse_key_id
 from tests.support.calls import SHORT, Chat, raises, turn
-from tests.support.fake_worker import Script
+from tests.support.fake_model import Script
 from tests.support.isolation import routers
 from tests.support.router import admin, auth, create_keys, log_problems
 from tests.support.waits import wait_until

@@ -13,7 +13,7 @@ import pytest
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from router.config import RouterConfig
-from tests.support.fake_worker import Fault, Script
+from tests.support.fake_model import Fault, Script
 from tests.support.load import generate_many
 from tests.support.router import auth, new_keys, serve_router
 

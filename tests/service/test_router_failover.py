@@ -16,7 +16,8 @@ import pytest
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from router.config import RouterConfig
-from tests.support.fake_worker import Fault, Respawner, Script, encode_text, reply, token_text
+from tests.support.fake_model import Fault, Script, encode_text, reply, token_text
+from tests.support.fake_process import Respawner
 from tests.support.router import RouterProcess, auth, create_keys, serve_router, wait_routable
 from tests.support.waits import wait_until
 

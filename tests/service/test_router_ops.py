@@ -18,7 +18,7 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from router.config import RouterConfig
-from tests.support.fake_worker import Script
+from tests.support.fake_model import Script
 from tests.support.router import RouterProcess, auth, create_keys, router_in_thread, wait_routable
 from tests.support.waits import wait_until
 from tests.support.workers import INTERNAL_TOKEN as TOKEN

@@ -11,7 +11,8 @@ import pytest
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from router.discovery import DnsTargets, StaticTargets, from_spec, parse_targets
 from router.worker_pool import WorkerPool
-from tests.support.fake_worker import FakeWorkerProcess, Script
+from tests.support.fake_model import Script
+from tests.support.fake_process import FakeWorkerProcess
 from tests.support.waits import until
 
 
