@@ -92,14 +92,17 @@ class Replica:
 
         wait_until(serving, f"{self.log_path.stem} to serve (start {starts})", timeout_s)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self) -> None:
+        self.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
 
 
@@ -115,13 +118,19 @@ def cluster(tiny_gqa_model_dir, redis_server, tmp_path_factory):
         tiers = tmp / "tiers.toml"
         tiers.write_text(TIERS)
         key = create_keys(redis_server.url, {"load": ("load", [])})["load"]
-        for r in replicas.values():
-            r.wait_serving()
+        # the router starts while the replicas do; the load waits until it has seen both serve
         router = RouterProcess(tmp / "router.log", "--workers", f"{replicas['a'].address},{replicas['b'].address}",
                                "--redis-url", redis_server.url, "--tiers", str(tiers), "--failover-wait", "60")
+        for r in replicas.values():
+            r.wait_serving()
+            router.wait_event("worker_healthy", where=lambda e, r=r: e["address"] == r.address, timeout_s=60)
         wait_routable(router.address, key, 60)
         yield {"router": router.address, "key": key, "replicas": replicas, "router_log": router.log_path}
     finally:
+        if router is not None:
+            router.proc.terminate()
+        for r in replicas.values():  # all drain at once
+            r.terminate()
         if router is not None:
             router.stop()
         for r in replicas.values():
