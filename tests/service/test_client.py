@@ -5,7 +5,6 @@ a fake server that fails on demand."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -34,10 +33,8 @@ from llamagrid.client import (
 )
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
-from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
-from tests.service.router_harness import create_keys, router_in_thread
-from worker.launch import start_worker
+from tests.support.router import create_keys, router_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 TIERS = """
@@ -54,37 +51,18 @@ GREEDY = dict(max_new_tokens=4, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("client-worker") / "worker.stderr"
-    with open(log, "wb") as f:
-        proc = start_worker(tiny_model_dir, "--kv-cache-tokens", "2048", "--num-threads", "1", stderr=f)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
 def keys(redis_server):
     return create_keys(redis_server.url, {"k": ("pro", []), "slow": ("slow", [])})
 
 
 @pytest.fixture(scope="module")
-def router(redis_server, worker, keys, tmp_path_factory):
+def router(redis_server, worker_process, keys, tmp_path_factory):
     tiers = tmp_path_factory.mktemp("client-tiers") / "tiers.toml"
     tiers.write_text(TIERS)
-    config = RouterConfig(port=0, workers=worker.address, redis_url=redis_server.url, tiers_path=tiers,
+    config = RouterConfig(port=0, workers=worker_process.address, redis_url=redis_server.url, tiers_path=tiers,
                           redis_timeout_s=0.5, failover_wait_s=2.0)
     with router_in_thread(config, num_workers=1, probe_key=keys["k"]) as address:
         yield address
-    # The router leaves a Chat turn's worker-request queue reader pending after the turn ends; collect those
-    # coroutines now, not whenever a later GC runs (inside pytest's assertion-rewriting compile(), that crashes
-    # CPython 3.11 with "AST constructor recursion depth mismatch").
-    gc.collect()
 
 
 @pytest.fixture()
