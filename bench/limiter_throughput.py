@@ -19,7 +19,7 @@ Baselines on the same server, same concurrency:
 - always: a raw-socket RESP client in Python (asyncio streams, one connection per task, no redis-py) sending the same
   EVALSHA commands: the floor for any Python client on this event loop.
 
-Acceptance (issue): exactly one Redis round trip per admission and per settlement, and >= 5,000 decisions/s.
+Target: exactly one Redis round trip per admission and per settlement, and >= 5,000 decisions/s.
 
     .venv/bin/python bench/limiter_throughput.py                  # under a minute
     .venv/bin/python bench/limiter_throughput.py --quick          # about 15 s

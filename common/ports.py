@@ -4,7 +4,7 @@ A port picked now and bound later by another process can be taken in between. Po
 range (what bind(0) returns) are the ones most at risk: every outgoing connection and every other bind(0) on the
 machine draws from that range, and gloo's rendezvous alone opens several. So ports are drawn at random from below
 the ephemeral range (which nothing is handed automatically), checked free by binding them, and only when that
-finds none from the kernel as before."""
+finds none, from the kernel."""
 
 from __future__ import annotations
 

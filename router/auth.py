@@ -111,7 +111,7 @@ class LastKnownKeys:
 
 class Authenticator:
     """Maps request metadata to a KeyRecord, or raises Unauthenticated / RateLimited (too many failures) /
-    LimiterDown (UNAVAILABLE: the key store failed and the key is not known from before).
+    LimiterDown (UNAVAILABLE: the key store failed and the key was not verified here recently).
 
     With `last_known` (the fail-open policy), a key verified against Redis in the last `stale_s` seconds keeps
     working while Redis is down; new keys cannot be verified until it returns."""

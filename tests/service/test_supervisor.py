@@ -4,11 +4,8 @@ no process left behind when the supervisor stops or is killed, a dead or hung ra
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,18 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
-
-START_TIMEOUT_S = 180.0  # two shared CPU cores: a start is seconds, but never assert speed
+from tests.support.supervised import START_TIMEOUT_S, Supervised
+from tests.support.waits import wait_until
 
 
 def wait_for(predicate, timeout: float = START_TIMEOUT_S, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+    return wait_until(predicate, getattr(predicate, "__name__", "a condition"), timeout, interval)
 
 
 def health(port: int) -> int | None:
@@ -60,57 +51,6 @@ def group_processes(pgid: int) -> list[str]:
         if int(fields[2]) == pgid:
             found.append(f"{stat.parent.name} {fields[0]}")
     return found
-
-
-class Supervised:
-    """`python -m worker.supervisor [options] -- --model tiny ...` with its log in a file."""
-
-    def __init__(self, tmp_path: Path, model_dir: Path, options: list[str], worker_args: list[str] = (),
-                 env: dict[str, str] | None = None, via_cli: bool = False):
-        self.port_file = tmp_path / "port"
-        self.log_path = tmp_path / "supervisor.log"
-        entry = ["llamagrid", "worker", "--supervise"] if via_cli else ["worker.supervisor"]
-        cmd = [sys.executable, "-m", *entry, "--port-file", str(self.port_file), "--backoff-initial", "0.2",
-               *options, "--", "--model", str(model_dir), "--port", "0", "--num-threads", "1",
-               "--kv-cache-tokens", "1024", "--log-level", "warning", *worker_args]
-        with open(self.log_path, "wb") as log:
-            # TMPDIR: run dirs of a SIGKILLed supervisor stay inside tmp_path
-            self.proc = subprocess.Popen(cmd, stderr=log, env={**os.environ, "TMPDIR": str(tmp_path), **(env or {})})
-
-    def events(self, name: str) -> list[dict]:
-        found = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("component") == "supervisor" and event.get("event") == name:
-                found.append(event)
-        return found
-
-    def wait_event(self, name: str, count: int = 1, timeout: float = START_TIMEOUT_S) -> dict:
-        return wait_for(lambda: (e := self.events(name)) and len(e) >= count and e[count - 1], timeout)
-
-    @property
-    def port(self) -> int:
-        return int(wait_for(lambda: self.port_file.exists() and self.port_file.read_text()))
-
-    def wait_serving(self, attempt: int) -> int:
-        """The group of this attempt serves: its rank 0 PID (= its process group id)."""
-        wait_for(lambda: any(e["attempt"] == attempt for e in self.events("group_serving")))
-        return self.events("group_started")[attempt - 1]["pids"][0]
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text()[-3000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture()
