@@ -69,7 +69,8 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
     messages = [pb.ChatMessage(role="system", content=f"system {CANARY}"), pb.ChatMessage(role="user", content=PROMPT)]
     chat_turn = pb.ChatRequest(turn=pb.ChatTurn(messages=messages, parameters=stop))
     long_stream = pb.SamplingParameters(max_new_tokens=500, temperature=0.0, ignore_eos=True)
-    past_deadline = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)  # seconds of work
+    # a context's worth of tokens: several times the 0.1 s deadline even on an idle machine
+    past_deadline = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)
     out = {
         "generate": _call(lambda: stub.Generate(pb.GenerateRequest(inputs=[PROMPT, CANARY], parameters=ok),
                                                 metadata=metadata, timeout=30)),
@@ -88,7 +89,7 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
         "unknown_model": _call(lambda: stub.Generate(pb.GenerateRequest(model=CANARY, inputs=[PROMPT], parameters=ok),
                                                      metadata=metadata, timeout=30)),
         "deadline": _call(lambda: stub.GenerateStream(pb.GenerateRequest(inputs=[PROMPT], parameters=past_deadline),
-                                                      metadata=metadata, timeout=0.5)),
+                                                      metadata=metadata, timeout=0.1)),
     }
     stream = stub.GenerateStream(pb.GenerateRequest(inputs=[PROMPT], parameters=long_stream), metadata=metadata,
                                  timeout=30)
@@ -158,7 +159,8 @@ def _exercise_worker(stub: wpb_grpc.WorkerStub) -> dict[str, grpc.StatusCode]:
     stop = pb.SamplingParameters(max_new_tokens=6, temperature=0.8, seed=1, stop=[CANARY, "the"])
     bad = pb.SamplingParameters(max_new_tokens=6, temperature=-1.0, stop=[CANARY])
     long = pb.SamplingParameters(max_new_tokens=500, temperature=0.0, ignore_eos=True)
-    past_deadline = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)  # seconds of work
+    # a context's worth of tokens: several times the 0.1 s deadline even on an idle machine
+    past_deadline = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)
     messages = [pb.ChatMessage(role="system", content=f"system {CANARY}"), pb.ChatMessage(role="user", content=PROMPT)]
 
     def job(request_id: str, params: pb.SamplingParameters = ok, **fields) -> wpb.Job:
@@ -185,7 +187,7 @@ def _exercise_worker(stub: wpb_grpc.WorkerStub) -> dict[str, grpc.StatusCode]:
                                                                                          content=PROMPT)]))),
         "too_long": run(job("privacy-long", text=PROMPT * 3000)),
         "unknown_model": run(job("privacy-model", model=CANARY)),
-        "deadline": run(job("privacy-deadline", past_deadline), timeout=0.5),
+        "deadline": run(job("privacy-deadline", past_deadline), timeout=0.1),
         "resumed": run(job("privacy-resume", pb.SamplingParameters(max_new_tokens=4), resume_token_ids=[5, 6])),
     }
     call = stub.Run(job("privacy-cancelled", long), metadata=md, timeout=30)
