@@ -23,19 +23,28 @@ def _metrics_urls(stdout: str) -> dict[str, str]:
     return dict(METRICS_LINE.findall(stdout))
 
 
+def _check_started(stdout: str, replicas: int) -> dict[str, str]:
+    """What `llamagrid up` prints once its cluster serves and the demo chat ran: the metrics URLs by process."""
+    assert f"starting {replicas} supervised worker replica(s) of tiny-llama-2-chat" in stdout
+    assert "router serving llamagrid.v1.Inference on 127.0.0.1:" in stdout
+    assert "[finish=LENGTH prompt_tokens=" in stdout
+    key = re.search(r"API key  (lg_\S+)", stdout)
+    assert key and "LLAMAGRID_API_KEY=" + key.group(1) in stdout
+    urls = _metrics_urls(stdout)
+    names = {"router", *(f"worker{i}" for i in range(replicas)), *(f"worker{i} supervisor" for i in range(replicas))}
+    assert set(urls) == names, stdout
+    assert len(set(urls.values())) == len(names)
+    return urls
+
+
 def test_up_demo_only(tmp_path):
+    """--demo-only: the demo chat, then every process stopped and status 0 (one replica: the two-replica cluster
+    is the next test's)."""
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0", "--replicas", "1"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "starting 2 supervised worker replica(s) of tiny-llama-2-chat" in proc.stdout
-    assert "router serving llamagrid.v1.Inference on 127.0.0.1:" in proc.stdout
-    assert "[finish=LENGTH prompt_tokens=" in proc.stdout
-    key = re.search(r"API key  (lg_\S+)", proc.stdout)
-    assert key and "LLAMAGRID_API_KEY=" + key.group(1) in proc.stdout
-    urls = _metrics_urls(proc.stdout)
-    assert set(urls) == {"router", "worker0", "worker0 supervisor", "worker1", "worker1 supervisor"}, proc.stdout
-    assert len(set(urls.values())) == 5
+    _check_started(proc.stdout, replicas=1)
     assert (tmp_path / "tiny-llama-2-chat" / "config.json").exists()
     assert not _processes_mentioning(str(tmp_path)), "llamagrid up left processes behind"
 
@@ -60,8 +69,7 @@ def test_up_serves_metrics_until_ctrl_c(tmp_path):
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             assert line is not None, f"llamagrid up ended early: {stdout}{proc.stderr.read()[-2000:]}"
             stdout += line
-        urls = _metrics_urls(stdout)
-        assert set(urls) == {"router", "worker0", "worker0 supervisor", "worker1", "worker1 supervisor"}, stdout
+        urls = _check_started(stdout, replicas=2)
         router = _scrape(urls["router"])
         chat = {"method": "/llamagrid.v1.Inference/Chat", "code": "OK"}
         assert _value(router, "llamagrid_router_requests_total", chat) == 1, "the demo chat"

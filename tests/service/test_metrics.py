@@ -3,9 +3,6 @@ scraped over HTTP. No request text or API key appears anywhere in them."""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import grpc
 import pytest
 
@@ -18,7 +15,6 @@ from router.config import RouterConfig
 from tests.support import metrics
 from tests.support.metrics import all_label_values, value
 from tests.support.router import auth, create_keys, serve_router
-from tests.support.supervised import Supervised
 from tests.support.waits import wait_until
 
 CANARY = "canary-7f3e9 purple elephant sings"
@@ -158,24 +154,3 @@ def test_router_metrics(router):
     labels = all_label_values(m)
     assert CANARY not in labels
     assert not any(k in labels for k in keys.values())
-
-
-def test_supervisor_counts_restarts_by_cause(tmp_path, tiny_model_dir):
-    metrics_port = free_port()
-    sup = Supervised(tmp_path, tiny_model_dir, ["--metrics-port", str(metrics_port)])
-    try:
-        old_pgid = sup.wait_serving(1)
-        m = scrape(metrics_port)
-        assert value(m, "llamagrid_supervisor_group_starts_total") == 1
-        assert value(m, "llamagrid_supervisor_group_serving") == 1
-        os.kill(old_pgid, signal.SIGKILL)
-        sup.wait_serving(2)
-        m = scrape(metrics_port)
-        assert value(m, "llamagrid_supervisor_group_starts_total") == 2
-        assert value(m, "llamagrid_supervisor_group_failures_total", cause="killed") == 1
-        assert value(m, "llamagrid_supervisor_restarts_total", cause="killed") == 1
-        assert value(m, "llamagrid_supervisor_restarts_total", cause="crash") == 0
-        assert value(m, "llamagrid_supervisor_group_serving") == 1
-        assert value(m, "llamagrid_supervisor_crash_looped") == 0
-    finally:
-        sup.close()

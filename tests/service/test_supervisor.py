@@ -13,9 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.ports import free_port
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+from tests.support import metrics
+from tests.support.metrics import value
 from tests.support.supervised import START_TIMEOUT_S, Supervised
 from tests.support.waits import wait_until
 
@@ -68,10 +71,15 @@ def supervise(tmp_path, tiny_model_dir):
 
 
 def test_kill9_restarts_group_on_same_port(supervise):
-    sup = supervise()
+    """kill -9 of the group: restarted on the same port, and the supervisor's /metrics count it by cause."""
+    metrics_port = free_port()
+    sup = supervise("--metrics-port", str(metrics_port))
     port = sup.port
     old_pgid = sup.wait_serving(1)
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
+    m = metrics.scrape(metrics_port)
+    assert value(m, "llamagrid_supervisor_group_starts_total") == 1
+    assert value(m, "llamagrid_supervisor_group_serving") == 1
 
     killed_at = time.monotonic()
     os.kill(old_pgid, signal.SIGKILL)
@@ -87,6 +95,13 @@ def test_kill9_restarts_group_on_same_port(supervise):
     assert group_processes(old_pgid) == []  # killed and reaped while the supervisor still runs
     assert run_job(port, "after-restart", 4).usage.completion_tokens == 4
     assert sup.proc.poll() is None
+    m = metrics.scrape(metrics_port)
+    assert value(m, "llamagrid_supervisor_group_starts_total") == 2
+    assert value(m, "llamagrid_supervisor_group_failures_total", cause="killed") == 1
+    assert value(m, "llamagrid_supervisor_restarts_total", cause="killed") == 1
+    assert value(m, "llamagrid_supervisor_restarts_total", cause="crash") == 0
+    assert value(m, "llamagrid_supervisor_group_serving") == 1
+    assert value(m, "llamagrid_supervisor_crash_looped") == 0
 
 
 def test_sigterm_stops_group_and_leaves_nothing(supervise):
