@@ -1,5 +1,6 @@
 """The supervisor with real worker processes on the tiny model: restart after kill -9, a crash loop that gives up,
-no process left behind when the supervisor stops or is killed, a dead or hung rank, and repeated OOM."""
+no process left behind when the supervisor stops or is killed, a hung rank, and repeated OOM. A dead rank of a TP
+group restarting the whole group under load: test_failover.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +19,7 @@ from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from tests.support import metrics
 from tests.support.metrics import value
-from tests.support.supervised import START_TIMEOUT_S, Supervised
+from tests.support.supervised import START_TIMEOUT_S, Supervised, group_processes
 from tests.support.waits import wait_until
 
 
@@ -43,19 +43,6 @@ def run_job(port: int, request_id: str, max_new_tokens: int) -> wpb.Finished:
         return list(wpb_grpc.WorkerStub(ch).Run(job, timeout=60))[-1].finished
 
 
-def group_processes(pgid: int) -> list[str]:
-    """Every process (zombies included) still in process group pgid, as 'pid state'."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            found.append(f"{stat.parent.name} {fields[0]}")
-    return found
-
-
 @pytest.fixture()
 def supervise(tmp_path, tiny_model_dir):
     started: list[Supervised] = []
@@ -70,10 +57,11 @@ def supervise(tmp_path, tiny_model_dir):
         s.close()
 
 
-def test_kill9_restarts_group_on_same_port(supervise):
-    """kill -9 of the group: restarted on the same port, and the supervisor's /metrics count it by cause."""
+def test_kill9_restarts_group_on_same_port_and_sigterm_stops_it(supervise):
+    """`llamagrid worker --supervise`: kill -9 of the group restarts it on the same port, the supervisor's /metrics
+    count it by cause; then SIGTERM stops the group (drained) and the supervisor, leaving nothing."""
     metrics_port = free_port()
-    sup = supervise("--metrics-port", str(metrics_port))
+    sup = supervise("--metrics-port", str(metrics_port), via_cli=True)
     port = sup.port
     old_pgid = sup.wait_serving(1)
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
@@ -103,26 +91,13 @@ def test_kill9_restarts_group_on_same_port(supervise):
     assert value(m, "llamagrid_supervisor_group_serving") == 1
     assert value(m, "llamagrid_supervisor_crash_looped") == 0
 
-
-def test_sigterm_stops_group_and_leaves_nothing(supervise):
-    sup = supervise(via_cli=True)  # llamagrid worker --supervise ...
-    port = sup.port
-    pgid = sup.wait_serving(1)
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(90) == 0, sup.log_tail()
-    assert group_processes(pgid) == []
+    assert group_processes(new_pgid) == []
     assert health(port) is None
     assert sup.events("supervisor_stopping")[0]["signal"] == "SIGTERM"
-    assert sup.events("group_stopped")[0]["exit_code"] == 0, sup.log_tail()  # rank 0 drained and exited
-    assert sup.events("group_failed") == []
-
-
-def test_sigkill_to_supervisor_takes_the_group_down(supervise):
-    sup = supervise()
-    pgid = sup.wait_serving(1)
-    sup.proc.kill()
-    sup.proc.wait()
-    wait_for(lambda: not [p for p in group_processes(pgid) if not p.endswith(" Z")], timeout=30)
+    assert sup.events("group_stopped")[-1]["exit_code"] == 0, sup.log_tail()  # rank 0 drained and exited
+    assert len(sup.events("group_failed")) == 1  # the kill -9 only: the stop was no failure
 
 
 def test_crash_loop_gives_up(supervise):
@@ -138,23 +113,7 @@ def test_crash_loop_gives_up(supervise):
     assert not sup.port_file.exists()
 
 
-def test_dead_rank_restarts_the_whole_group(supervise):
-    sup = supervise(worker_args=["--tp", "2"])
-    port = sup.port
-    pgid = sup.wait_serving(1)
-    others = [int(p.split()[0]) for p in group_processes(pgid) if int(p.split()[0]) != pgid]
-    assert others, "rank 1 should run in rank 0's process group"
-    os.kill(others[0], signal.SIGKILL)
-    failed = sup.wait_event("group_failed", timeout=60)
-    # seen either directly (rank 1's PID is gone) or through rank 0, which exits as soon as a rank is lost
-    assert failed["cause"] == "crash" and (failed["rank"] == 1 or failed["exit_code"] is not None), sup.log_tail()
-    sup.wait_event("group_started", count=2)  # the old group is gone before the new one starts
-    assert group_processes(pgid) == []  # rank 0 did not linger as a lone survivor; every rank was reaped
-    sup.wait_serving(2)
-    assert health(port) == health_pb2.HealthCheckResponse.SERVING
-
-
-def test_hung_rank_is_killed_and_restarted(supervise):
+def test_hung_rank_is_killed_and_restarted_and_a_killed_supervisor_takes_its_group_down(supervise):
     sup = supervise("--heartbeat-timeout", "3")
     port = sup.port
     pgid = sup.wait_serving(1)
@@ -162,9 +121,13 @@ def test_hung_rank_is_killed_and_restarted(supervise):
     failed = sup.wait_event("group_failed", timeout=60)
     assert (failed["cause"], failed["rank"]) == ("hung", 0), sup.log_tail()
     assert failed["heartbeat_age_s"] > 3
-    sup.wait_serving(2)
+    new_pgid = sup.wait_serving(2)
     assert group_processes(pgid) == []
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
+    # kill -9 of the supervisor itself: its group goes down with it
+    sup.proc.kill()
+    sup.proc.wait()
+    wait_for(lambda: not [p for p in group_processes(new_pgid) if not p.endswith(" Z")], timeout=30)
 
 
 def test_repeated_oom_restarts_with_cause_oom(supervise):

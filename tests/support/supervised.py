@@ -14,6 +14,19 @@ from tests.support.waits import wait_until
 START_TIMEOUT_S = 180.0  # two shared CPU cores: a start is seconds, but never assert speed
 
 
+def group_processes(pgid: int) -> list[str]:
+    """Every process (zombies included) still in process group pgid, as 'pid state'."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append(f"{stat.parent.name} {fields[0]}")
+    return found
+
+
 class Supervised:
     """`python -m worker.supervisor [options] -- --model tiny ...` with its log in a file."""
 
