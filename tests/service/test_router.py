@@ -21,7 +21,7 @@ from router.auth import Authenticator, FailureCounter
 from router.config import RouterConfig
 from router.errors import ServiceError
 from router.relay import Relay
-from tests.support.router import RouterProcess, admin, auth, create_keys, router_in_thread, serve_router
+from tests.support.router import RouterProcess, admin, auth, config_for, create_keys, router_in_thread, serve_router
 from tests.support.waits import wait_until
 
 TIERS = """
@@ -72,8 +72,7 @@ def tiers_path(tmp_path_factory):
 
 
 def _config(redis_url: str, workers, tiers_path) -> RouterConfig:
-    return RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_url,
-                        tiers_path=tiers_path, redis_timeout_s=0.5, failover_wait_s=2.0)
+    return config_for(workers, redis_url, tiers_path, failover_wait_s=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from router.config import RouterConfig
 from router.costs import estimate_text
 from tests.support.load import bucket_field, code_of, generate_many, levels
-from tests.support.router import admin, auth, new_keys, serve_router
+from tests.support.router import admin, auth, config_for, new_keys, serve_router
 from tests.support.waits import settled, wait_until
 
 NO_REFILL = 0.001  # units per minute: nothing refills within a test
@@ -63,8 +63,7 @@ def tiers_path(tmp_path_factory):
 
 
 def router_config(redis_url: str, workers, tiers_path, **overrides) -> RouterConfig:
-    return RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_url,
-                        tiers_path=tiers_path, **{"redis_timeout_s": 0.5, **overrides})
+    return config_for(workers, redis_url, tiers_path, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ratelimit.redis_server import RedisServer
 from router.config import RouterConfig
 from tests.support.load import SteadyLoad, bucket_field, code_of, redis_ms
 from tests.support.metrics import scrape, value
-from tests.support.router import Key, auth, new_keys, serve_router
+from tests.support.router import Key, auth, config_for, new_keys, serve_router
 from tests.support.waits import wait_until
 
 NO_REFILL = 0.001  # units per minute: nothing refills within a test
@@ -61,9 +61,8 @@ def tiers_path(tmp_path_factory):
 
 
 def _config(redis_url: str, workers, tiers_path, policy: FailurePolicy, metrics_port: int) -> RouterConfig:
-    return RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_url,
-                        tiers_path=tiers_path, failure_policy=policy, redis_timeout_s=0.05, fallback_cooldown_s=0.2,
-                        metrics_port=metrics_port)
+    return config_for(workers, redis_url, tiers_path, failure_policy=policy, redis_timeout_s=0.05,
+                      fallback_cooldown_s=0.2, metrics_port=metrics_port)
 
 
 def _metric(port: int, name: str) -> float:

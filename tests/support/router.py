@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("Task exception", "destroyed but it is pending", "aclose", "never retrieved", "Traceback")
 
 
+def config_for(workers, redis_url: str, tiers_path=None, **overrides) -> RouterConfig:
+    """A router on a free port in front of `workers` (anything with an `address`), with a 0.5 s Redis deadline
+    unless `overrides` say otherwise."""
+    return RouterConfig(port=0, workers=",".join(w.address for w in workers), redis_url=redis_url,
+                        tiers_path=tiers_path, **{"redis_timeout_s": 0.5, **overrides})
+
+
 def auth(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
