@@ -122,7 +122,8 @@ class Cluster:
             os.sched_setaffinity(0, self.pin[1])
         self.redis = RedisServer().start()
         tiers = self.tmp / "tiers.toml"
-        tiers.write_text(f"[tiers.{TIER}]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n")
+        tiers.write_text(f"[tiers.{TIER}]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
+                         "max_concurrent_requests = 100000\n")  # the load's streams all at once
         self.key = asyncio.run(self._create_key())
         port_file = self.tmp / "router.port"
         router_log = open(self.tmp / "router.log", "w")  # noqa: SIM115 - closed in stop()

@@ -17,6 +17,10 @@ class Background:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
     async def wait(self) -> None:
         """Until every task spawned so far has ended (errors are the tasks' own business)."""
         if self._tasks:

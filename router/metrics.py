@@ -68,7 +68,7 @@ AUTH_FAILURE_REASONS = ("missing", "invalid", "blocked")
 class RouterMetrics:
     """The router's registry. `pool`, `auth` and `limiter` (any of them may be None) are read at scrape time."""
 
-    def __init__(self, pool=None, auth=None, limiter=None) -> None:
+    def __init__(self, pool=None, auth=None, limiter=None, background=None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.rpc = RpcMetrics(self.registry, "llamagrid_router")
         self.rpc_observer = self.rpc.observer(INFERENCE_SERVICE)
@@ -85,7 +85,7 @@ class RouterMetrics:
                                      registry=self.registry)
         self.completion_tokens = Counter("llamagrid_router_completion_tokens",
                                          "Completion tokens of finished jobs.", ["model"], registry=self.registry)
-        self.registry.register(_StateCollector(pool, auth, limiter))
+        self.registry.register(_StateCollector(pool, auth, limiter, background))
 
     def ratelimit_decision(self, outcome: str) -> None:
         self._decisions[outcome].inc()
@@ -117,10 +117,11 @@ def _snapshot(pool) -> list:
 class _StateCollector:
     """Counters the router's components already keep (LimiterCounters, Authenticator) and the pool's view."""
 
-    def __init__(self, pool, auth, limiter) -> None:
+    def __init__(self, pool, auth, limiter, background=None) -> None:
         self.pool = pool
         self.auth = auth
         self.limiter = limiter
+        self.background = background
 
     def describe(self):
         return []
@@ -144,6 +145,9 @@ class _StateCollector:
                                       value=c.replayed)
             yield GaugeMetricFamily("llamagrid_router_routers_alive", "Routers alive in the Redis registry.",
                                     value=self.limiter.num_routers())
+        if self.background is not None:
+            yield GaugeMetricFamily("llamagrid_router_background_tasks", "Settlements, refunds and finished worker "
+                                    "calls still running off the calls' path.", value=self.background.pending)
         if self.auth is not None:
             keystore_errors = getattr(self.auth, "backend_errors", 0)
             failures = CounterMetricFamily("llamagrid_router_auth_failures", "Failed authentications by reason.",

@@ -78,7 +78,8 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
                   if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
     auth = Authenticator(ApiKeyStore(client, pepper=config.key_pepper), config.max_auth_failures,
                          last_known=last_known)
-    metrics, background = RouterMetrics(pool, auth, limiter), Background()
+    background = Background()
+    metrics = RouterMetrics(pool, auth, limiter, background)
     admission = Admission(config, auth, limiter, TierSource(config.tiers_path, config.tier_check_interval_s), pool,
                           metrics, KeySlots(num_routers=peers.count), background)
     relay = Relay(config, pool, metrics, background)
