@@ -39,10 +39,17 @@ def messages_from_pb(messages: Sequence[pb.ChatMessage]) -> list[ChatMessage]:
     return [ChatMessage(m.role, m.content) for m in messages]
 
 
+# The call's own deadline is what ends a job: gRPC ends the call with DEADLINE_EXCEEDED and the job is aborted as its
+# stream closes. The job's engine deadline trails it by this much, only as the backstop should that be lost; equal
+# deadlines would race, the engine ending the job (finish CANCELLED, status OK) just before the caller's timer fired.
+CALL_DEADLINE_GRACE_S = 1.0
+
+
 def deadline_from(context: grpc.aio.ServicerContext, deadline_unix_ms: int = 0) -> float | None:
-    """The earlier of the call's deadline and the job's own (Unix ms, 0 = none), as a time.monotonic() value."""
+    """The engine deadline of a job (time.monotonic()): the earlier of the call's deadline (plus
+    CALL_DEADLINE_GRACE_S) and the job's own (Unix ms, 0 = none)."""
     remaining = context.time_remaining()
-    deadline = None if remaining is None else time.monotonic() + remaining
+    deadline = None if remaining is None else time.monotonic() + remaining + CALL_DEADLINE_GRACE_S
     if deadline_unix_ms:
         wall = time.monotonic() + (deadline_unix_ms / 1000.0 - time.time())
         deadline = wall if deadline is None else min(deadline, wall)
