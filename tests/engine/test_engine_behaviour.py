@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
 from tests.engine_utils import make_worker, run_all, submit
+from tests.support.waits import wait_until
 from worker.sequence import FinishReason, SamplingParams
 
 
@@ -19,11 +19,8 @@ def worker(tiny_model_dir):
     w.engine.stop()
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    return wait_until(predicate, what, timeout)
 
 
 def wait_idle(worker, timeout: float = 30.0) -> None:

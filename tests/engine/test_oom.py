@@ -6,7 +6,6 @@ Faults are injected with worker.faults (the real path: torch.OutOfMemoryError ra
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from tests.engine_utils import make_worker, run_all
+from tests.support.waits import wait_until
 from worker import engine as engine_module
 from worker import faults
 from worker.__main__ import main as worker_main
@@ -32,12 +32,8 @@ def worker(tiny_model_dir):
 
 
 def wait_idle(worker, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not worker.engine.scheduler.has_unfinished and worker.engine.load.num_running == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError("engine did not go idle")
+    wait_until(lambda: not worker.engine.scheduler.has_unfinished and worker.engine.load.num_running == 0,
+               "the engine to go idle", timeout)
 
 
 def mixed_load(worker, num: int = 12, max_new_tokens: int = 24):

@@ -20,6 +20,7 @@ from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from tests.engine.test_parity import hf_greedy, random_prompts
+from tests.support.waits import wait_until
 from worker.faults import ALLOW_ENV
 from worker.heartbeat import read_heartbeats
 from worker.launch import WorkerProcess, start_worker
@@ -60,12 +61,7 @@ def generate(address: str, prompts: list[list[int]], max_new_tokens: int = MAX_N
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
-    """predicate()'s first truthy value, polled until the deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-    return value
+    return wait_until(predicate, what, timeout)
 
 
 def rank_pids(run_dir: Path, size: int = 2, timeout: float = 30.0) -> dict[int, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+from tests.support.waits import wait_until
 from worker.launch import start_worker
 
 MAX_NUM_SEQS = 4
@@ -37,13 +37,6 @@ def job(request_id: str, tenant: str, max_new_tokens: int) -> wpb.Job:
                    parameters=pb.SamplingParameters(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True))
 
 
-def wait_until(condition, what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 def test_a_tenant_gets_a_slot_while_another_floods_the_worker(worker_stub):
     lock = threading.Lock()
     flood_results: dict[str, wpb.Finished] = {}
@@ -65,7 +58,7 @@ def test_a_tenant_gets_a_slot_while_another_floods_the_worker(worker_stub):
         load = worker_stub.Load(wpb.LoadRequest())
         return load.num_running == MAX_NUM_SEQS and load.num_waiting == NUM_FLOOD - MAX_NUM_SEQS
 
-    wait_until(flood_holds_every_slot, "the flood to fill every slot and queue the rest")
+    wait_until(flood_holds_every_slot, "the flood to fill every slot and queue the rest", DEADLINE_S)
 
     num_flood_done_at_first_token = None
     tokens = []

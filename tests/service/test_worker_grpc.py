@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
+from tests.support.waits import wait_until
 
 SECRET = "zebra quartz marmalade"  # must never appear in the worker's logs
 _ids = iter(range(1_000_000))
@@ -38,11 +38,7 @@ def chat(*messages: tuple[str, str]) -> wpb.ChatMessages:
 
 
 def wait_for(predicate, what: str, timeout_s: float = 10.0):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+    return wait_until(predicate, what, timeout_s)
 
 
 class Ran:
