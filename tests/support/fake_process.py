@@ -18,6 +18,7 @@ from pathlib import Path
 from common.internal_auth import INTERNAL_TOKEN_ENV
 from tests.support.fake_model import JobRecord, Script
 from tests.support.fake_worker import FakeWorker
+from tests.support.logs import file_events
 from tests.support.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,13 +56,7 @@ class FakeWorkerProcess:
         return f"127.0.0.1:{self.port}"
 
     def events(self, name: str | None = None) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and (name is None or event.get("event") == name):
-                    out.append(event)
-        return out
+        return file_events(self.log_path, name)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

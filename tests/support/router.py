@@ -23,6 +23,7 @@ from router.config import RouterConfig
 from router.discovery import from_spec
 from router.keys import ApiKeyStore
 from router.worker_pool import WorkerPool
+from tests.support.logs import json_events
 from tests.support.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,13 +241,7 @@ class RouterProcess:
         with open(self.log_path, "rb") as f:
             f.seek(start)
             text = f.read().decode(errors="replace")
-        out = []
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and (name is None or event.get("event") == name):
-                    out.append(event)
-        return out
+        return json_events(text, name)
 
     def wait_event(self, name: str, what: str = "", timeout_s: float = 15.0, where=lambda e: True,
                    count: int = 1) -> list[dict]:

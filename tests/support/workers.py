@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.logs import file_events
 from worker.launch import WorkerProcess, start_worker
 
 INTERNAL_TOKEN = "internal-token-for-tests-0123456789"  # what workers that require one are given
@@ -29,13 +28,7 @@ class RealWorker:
 
     def events(self, name: str | None = None) -> list[dict]:
         """Its stderr's JSON objects (all, or those of event `name`); lines cut short or not JSON are skipped."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and (name is None or event.get("event") == name):
-                    out.append(event)
-        return out
+        return file_events(self.log_path, name)
 
     def stop(self) -> int:
         return self.process.stop()
