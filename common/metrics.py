@@ -42,9 +42,14 @@ class RpcMetrics:
     def observer(self, service: str) -> RpcObserver:
         """The `rpc_observer` for one servicer of `service` (full name), used by common.errors' decorators."""
 
+        children: dict[tuple[str, grpc.StatusCode], tuple] = {}  # labels() is a lock and a key build per call
+
         def observe(method: str, code: grpc.StatusCode, seconds: float) -> None:
-            full = f"/{service}/{method}"
-            self.requests.labels(full, code.name).inc()
-            self.duration.labels(full).observe(seconds)
+            pair = children.get((method, code))
+            if pair is None:
+                full = f"/{service}/{method}"
+                pair = children[(method, code)] = (self.requests.labels(full, code.name), self.duration.labels(full))
+            pair[0].inc()
+            pair[1].observe(seconds)
 
         return observe

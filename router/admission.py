@@ -23,6 +23,7 @@ from router.config import RouterConfig
 from router.errors import LimiterDown, ModelNotFound, NoHealthyWorker, RateLimited, TierMissing
 from router.keys import KeyRecord
 from router.metrics import RouterMetrics
+from router.settlements import Settlements
 from router.worker_pool import WorkerPool
 
 log = structlog.get_logger("router.server")
@@ -51,6 +52,7 @@ class Admission:
         self.metrics = metrics
         self.slots = slots
         self.background = background
+        self.settlements = Settlements(limiter, background)
         self.headroom = Headroom()  # rate-limit room per key, as last seen here (dispatch ahead: router.ahead)
 
     def begin(self, context) -> Presented:
@@ -183,10 +185,8 @@ class Admission:
         if not d.allowed:
             raise self._rate_limited(key, tokens, d, record)
         record.tier, record.reserved = tier, tokens
-        if send_metadata:
-            # Sent while the worker call starts; `record.headers` must be done before the call's first message
-            # (headers_out): two operations in flight at once may reach the wire in either order.
-            record.headers = self.background.spawn(_send_metadata(context, _rate_limit_headers(d)))
+        if send_metadata:  # sent by headers_out, once the call's jobs are on their way
+            record.headers = _rate_limit_headers(d)
 
     async def _acquire(self, key: KeyRecord, tokens: int) -> tuple[Tier, GuardedDecision]:
         tier = self.tier(key)
@@ -209,10 +209,14 @@ class Admission:
         return RateLimited("rate limit exceeded", d.retry_after_s, tuple(violations))
 
     @staticmethod
-    async def headers_out(record: CallRecord) -> None:
-        """Wait until the call's initial metadata has gone out (a no-op once it has)."""
-        if record.headers is not None and not record.headers.done():
-            await record.headers
+    async def headers_out(record: CallRecord, context) -> None:
+        """Send the call's initial metadata (the rate-limit headers charge decided), before its first message; a
+        no-op once sent. Awaited here rather than sent from a task of its own: two operations in flight at once
+        may reach the wire in either order, and the first message must not overtake the headers."""
+        headers, record.headers = record.headers, None
+        if headers is not None:
+            with contextlib.suppress(Exception):  # the call may already be over (client gone): nothing to report
+                await context.send_initial_metadata(headers)
 
     def room_ahead(self, key: KeyRecord, cost: int) -> bool:
         """Whether `key`, verified by this router, may have a job of `cost` started before its admission is decided
@@ -235,14 +239,7 @@ class Admission:
         log.debug("request_settled", request_id=record.request_id, key_id=record.key_id, reserved=record.reserved,
                   used=record.used, refunded=unused)
         if unused:
-            self.background.spawn(self._adjust(record.key_id, record.tier, unused))
-
-    async def _adjust(self, key_id: str, tier: Tier, unused: int) -> None:
-        with contextlib.suppress(Exception):  # best effort; the limiter logs backend failures itself
-            if unused > 0:
-                await self.limiter.refund(key_id, tier, unused)
-            else:
-                await self.limiter.debit(key_id, tier, -unused)
+            self.settlements.add(record.key_id, record.tier, unused)
 
 
 def _rate_limit_headers(d: GuardedDecision) -> tuple[tuple[str, str], ...]:
@@ -251,8 +248,3 @@ def _rate_limit_headers(d: GuardedDecision) -> tuple[tuple[str, str], ...]:
             ("x-ratelimit-remaining-tokens", str(d.tokens.remaining)),
             ("x-ratelimit-reset-requests", f"{math.ceil(d.requests.reset_after_s * 1000)}ms"),
             ("x-ratelimit-reset-tokens", f"{math.ceil(d.tokens.reset_after_s * 1000)}ms"))
-
-
-async def _send_metadata(context, metadata: tuple[tuple[str, str], ...]) -> None:
-    with contextlib.suppress(Exception):  # the call may already be over (client gone); nothing to report then
-        await context.send_initial_metadata(metadata)

@@ -133,7 +133,7 @@ class Authenticator:
 
     async def lookup(self, presented: Presented) -> KeyRecord | None:
         """The presented key's record from the key store (None: missing, malformed or invalid); see finish()."""
-        return await self._lookup(presented.token) if presented.token is not None else None
+        return await self._lookup(presented) if presented.token is not None else None
 
     def begin(self, context: grpc.aio.ServicerContext) -> Presented:
         """The credentials of a call, or RateLimited when its failure slot (its peer and the key id it presents, or
@@ -167,9 +167,15 @@ class Authenticator:
         hint only — the key may have been revoked since: the caller still verifies it (verify_reply)."""
         key_id = parse_key_id(presented.token) if presented.token is not None else None
         seen = self._verified.get(key_id) if key_id is not None else None
-        if seen is None or not hmac.compare_digest(seen[1], self.store.digest(presented.token)):
+        if seen is None or not hmac.compare_digest(seen[1], self.digest(presented)):
             return None
         return seen[2]
+
+    def digest(self, presented: Presented) -> str:
+        """The key store's digest of the presented token (computed once per call)."""
+        if presented.digest is None:
+            presented.digest = self.store.digest(presented.token)
+        return presented.digest
 
     def verify_reply(self, presented: Presented, reply: object) -> KeyRecord:
         """finish() for the reply of a lookup sent by the caller (see speculation)."""
@@ -177,7 +183,7 @@ class Authenticator:
             self.backend_errors += 1
             _LOG.warn(log, "key_store_unavailable", error=type(reply).__name__)
             raise LimiterDown("authentication backend unavailable")
-        record = self.store.verify(presented.token, reply)
+        record = self.store.verify(presented.token, reply, self.digest(presented))
         if self.last_known is not None:
             self.last_known.remember(presented.token, record)
         return self.finish(presented, record)
@@ -195,14 +201,15 @@ class Authenticator:
                 self._verified.pop(presented.key_id, None)
             raise Unauthenticated("missing or invalid API key")
         self._verified.pop(record.key_id, None)  # re-inserted last: the oldest-verified ids go first when full
-        self._verified[record.key_id] = (record.tier, self.store.digest(presented.token), record)
+        self._verified[record.key_id] = (record.tier, self.digest(presented), record)
         if len(self._verified) > _MAX_VERIFIED:
             self._verified.pop(next(iter(self._verified)))
         return record
 
-    async def _lookup(self, token: str) -> KeyRecord | None:
+    async def _lookup(self, presented: Presented) -> KeyRecord | None:
+        token = presented.token
         try:
-            record = await self.store.authenticate(token)
+            record = await self.store.authenticate(token, self.digest(presented))
         except (RedisError, OSError, TimeoutError) as exc:
             self.backend_errors += 1
             stale = self.last_known.recall(token) if self.last_known is not None else None
@@ -217,12 +224,14 @@ class Authenticator:
         return record
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Presented:
-    """What a call presented: its peer host and bearer token (None when missing or malformed)."""
+    """What a call presented: its peer host and bearer token (None when missing or malformed); the token's digest
+    once computed (Authenticator.digest: once per call, however many checks need it)."""
 
     peer_host: str
     token: str | None
+    digest: str | None = None
 
     @property
     def key_id(self) -> str | None:

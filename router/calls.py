@@ -43,7 +43,7 @@ class CallRecord:
     worker: str = ""
     settled: bool = False
     logged: bool = False
-    headers: asyncio.Task | None = None  # the initial metadata (rate-limit headers) being sent: Admission.charge
+    headers: tuple | None = None  # the rate-limit headers charge decided, until headers_out sends them
     slot: Slot | None = None  # the key's concurrency slot this call holds (router.concurrency), released at settle
 
     @property

@@ -160,7 +160,7 @@ class ChatCall:
             self.metrics.dispatch_ahead("kept")
         else:
             self.turn = asyncio.create_task(self._pump(job, self.follow_ups, record))
-        await self.admission.headers_out(record)  # the headers go out before any event of the session
+        await self.admission.headers_out(record, self.context)  # the headers go out before any event of the session
 
     async def _admit_turn(self, cost: int, record: CallRecord, field_: str) -> None:
         """The key is verified again with the turn's charge (one round trip): a key revoked or moved to another tier

@@ -148,13 +148,13 @@ class ApiKeyStore:
         except (KeyError, ValueError, TypeError):
             return None
 
-    async def authenticate(self, presented: str) -> KeyRecord | None:
+    async def authenticate(self, presented: str, digest: str | None = None) -> KeyRecord | None:
         """The record of a valid, unrevoked key, or None (malformed, unknown, wrong secret, revoked). Digests are
         compared in constant time. Bad input never raises; a Redis failure does (the caller decides fail-closed)."""
         command = self.lookup_command(presented)
         if command is None:
             return None
-        return self.verify(presented, await self._redis.execute_command(*command))
+        return self.verify(presented, await self._redis.execute_command(*command), digest)
 
     def lookup_command(self, presented: str) -> tuple[str, str] | None:
         """The Redis command whose reply `verify` needs for `presented` (so a caller can pipeline it with other
@@ -162,14 +162,14 @@ class ApiKeyStore:
         key_id = parse_key_id(presented)
         return None if key_id is None else ("HGETALL", self._hash_key(key_id))
 
-    def verify(self, presented: str, raw: dict) -> KeyRecord | None:
+    def verify(self, presented: str, raw: dict, digest: str | None = None) -> KeyRecord | None:
         """The record of `presented` from the reply to its lookup_command, or None (unknown, wrong secret, revoked,
-        malformed). Digests are compared in constant time."""
+        malformed). Digests are compared in constant time. `digest`: the caller's digest(presented), if it has it."""
         key_id = parse_key_id(presented)
         if key_id is None:
             return None
         stored = next((_text(v) for k, v in raw.items() if _text(k) == "digest"), None)
-        if stored is None or not hmac.compare_digest(stored.encode(), self.digest(presented).encode()):
+        if stored is None or not hmac.compare_digest(stored.encode(), (digest or self.digest(presented)).encode()):
             return None
         record = self._record(key_id, raw)
         return None if record is None or record.revoked else record

@@ -47,6 +47,9 @@ llamagrid_router_workers                      gauge      model, healthy  discove
                                                                          worker answered Info) and health
                                                                          ("true"/"false")
 llamagrid_router_workers_discovered           gauge      -               discovered workers (the pool size)
+llamagrid_router_event_loop_lag_seconds       histogram  -               how late the router's event loop ran a timer
+                                                                         due every 50 ms: the wait of every new call
+                                                                         and relayed message at that moment
 ============================================  =========  ==============  ===============================================
 """
 
@@ -57,6 +60,7 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from common.loop_lag import LoopLag
 from common.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
 
 INFERENCE_SERVICE = "llamagrid.v1.Inference"
@@ -86,6 +90,15 @@ class RouterMetrics:
         self.completion_tokens = Counter("llamagrid_router_completion_tokens",
                                          "Completion tokens of finished jobs.", ["model"], registry=self.registry)
         self.registry.register(_StateCollector(pool, auth, limiter, background))
+        self.loop_lag = LoopLag(self.registry, "llamagrid_router")
+        self._by_model: dict[str, tuple] = {}  # model -> (ttft, prompt tokens, completion tokens) children
+
+    def _model(self, model: str) -> tuple:
+        children = self._by_model.get(model)
+        if children is None:  # (labels() takes a lock and builds its key on every call: looked up once per model)
+            children = self._by_model[model] = (self.ttft.labels(model), self.prompt_tokens.labels(model),
+                                                self.completion_tokens.labels(model))
+        return children
 
     def ratelimit_decision(self, outcome: str) -> None:
         self._decisions[outcome].inc()
@@ -96,12 +109,13 @@ class RouterMetrics:
     # `model` below: a name already checked against the pool's healthy models (RouterServicer._resolve_model)
 
     def first_token(self, model: str, seconds: float) -> None:
-        self.ttft.labels(model).observe(seconds)
+        self._model(model)[0].observe(seconds)
 
     def usage(self, model: str, usage) -> None:
         """One finished job's llamagrid.v1.Usage, as its worker reported it."""
-        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        self.completion_tokens.labels(model).inc(usage.completion_tokens)
+        _, prompt, completion = self._model(model)
+        prompt.inc(usage.prompt_tokens)
+        completion.inc(usage.completion_tokens)
 
 
 def _snapshot(pool) -> list:

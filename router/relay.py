@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -19,7 +18,7 @@ from router.background import Background
 from router.calls import CallRecord
 from router.config import RouterConfig
 from router.errors import NoHealthyWorker, WorkerLost, public_error
-from router.fanout import Fanout
+from router.fanout import Fanout, Single, merged
 from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool
 
@@ -121,10 +120,107 @@ class FollowUps:
             self._woken.discard(woken)
 
 
-async def _drain(call) -> None:
-    """Let a worker call whose job has finished end by itself (its trailers), off the client's path."""
-    with contextlib.suppress(Exception):
-        await call
+class RelayedJob:
+    """One job relayed from workers, failing over when one goes away.
+
+    `start()` opens the first worker call at once (no task of its own: gRPC sends the job as the call is created), so
+    the job can run while its caller still decides about it (dispatch ahead); its first events wait in the call
+    meanwhile. `events()` reads the worker stream on the caller's own task, one message at a time, as fast as the
+    caller passes them on: a client that lags holds the worker call back, and the worker (the one coalescing layer)
+    merges what it generated meanwhile into fewer messages. `close()` ends what still runs (idempotent).
+
+    A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before any token
+    the job is simply re-sent; after tokens were streamed it is re-sent with those tokens as `resume_token_ids`, so
+    the new worker continues exactly where the old one stopped (greedy or seeded sampling: every unseeded job is
+    seeded, new_job) and the caller sees one unbroken stream. Up to config.retry_attempts failovers per job; while
+    no other worker is healthy the job waits for one (a restarted replica counts) until its deadline or
+    config.failover_wait_s. `prefer` names the worker to try first while it is healthy (a Chat session's).
+    `follow_ups` (optional): the job's cancel and end, sent on its worker stream. `on_address` learns each worker
+    that starts producing events. `record` (optional) learns the first token's time, the failovers and the last
+    worker. `renamed`: how the job's field names read in the client's request (renames)."""
+
+    __slots__ = ("relay", "job", "context", "prefer", "follow_ups", "on_address", "record", "renamed", "state",
+                 "sent_at", "_call", "_lease", "_target", "_error", "_events")
+
+    def __init__(self, relay: Relay, job: wpb.Job, context, *, prefer: str | None = None,
+                 follow_ups: FollowUps | None = None, on_address: Callable[[str], None] | None = None,
+                 record: CallRecord | None = None, renamed: tuple[tuple[str, str], ...] = ()) -> None:
+        self.relay, self.job, self.context, self.prefer = relay, job, context, prefer
+        self.follow_ups, self.on_address, self.record, self.renamed = follow_ups, on_address, record, renamed
+        self.state = _Failover(job, job, job.parameters.max_new_tokens or relay.pool.default_max_new_tokens(job.model))
+        self.sent_at = time.monotonic()
+        self._call = self._lease = self._error = self._events = None
+        self._target = ""
+
+    def start(self) -> RelayedJob:
+        """Open the first worker call now. Finding no worker is reported by events(): the caller may yet be refused
+        for a reason of its own (its key), which the client must hear first."""
+        try:
+            self._open(self.relay.pick_now(self.state, self.prefer))
+        except NoHealthyWorker as exc:
+            self._error = exc
+        return self
+
+    def events(self) -> AsyncIterator[wpb.WorkerEvent]:
+        if self._events is None:
+            self._events = self._run()
+        return self._events
+
+    async def close(self) -> None:
+        if self._events is not None:
+            await self._events.aclose()
+        self._end_call(finished=False)
+
+    def _open(self, target: str) -> None:
+        if self.record is not None:
+            self.record.worker = target
+        state = self.state
+        self._lease = self.relay.pool.acquire(target, state.pending - len(state.streamed))
+        self._target = target
+        self._call = self.relay._call(target, state.current, self.context, self.follow_ups)
+
+    def _end_call(self, finished: bool) -> None:
+        call, self._call = self._call, None
+        if call is None:
+            return
+        self._lease.release()
+        if finished:  # its trailers are on their way: let it end by itself, off the client's path
+            self.relay.until_done(call)
+        else:
+            call.cancel()
+
+    async def _run(self) -> AsyncIterator[wpb.WorkerEvent]:
+        if self._error is not None:
+            raise self._error
+        state, relay = self.state, self.relay
+        while True:
+            if self._call is None:
+                self._open(await relay._target(state, self.context, self.prefer))
+            call, target = self._call, self._target
+            started = finished = False
+            try:
+                while True:
+                    event = await call.read()
+                    if event is grpc.aio.EOF:
+                        return
+                    if not started:
+                        started = True
+                        if self.on_address is not None:
+                            self.on_address(target)
+                    finished = event.HasField("finished")
+                    delta = event.finished.last_delta if finished else event.delta
+                    if delta.token_ids:
+                        relay._streamed(state, delta.token_ids, self.sent_at, self.record)
+                    if finished:  # the job's last event: the caller need not wait for the worker's trailers
+                        if relay.metrics is not None:
+                            relay.metrics.usage(self.job.model, event.finished.usage)
+                        yield event
+                        return
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                relay._failed(state, target, exc, self.context, self.record, self.renamed)
+            finally:
+                self._end_call(finished)
 
 
 class Relay:
@@ -134,56 +230,31 @@ class Relay:
         self.pool = pool
         self.metrics = metrics
         self.background = background if background is not None else Background()
+        self._ending: set = set()  # finished worker calls waiting for their trailers (a dropped call is cancelled)
 
-    async def events(self, job: wpb.Job, context, *, prefer: str | None = None,
-                     follow_ups: FollowUps | None = None, on_address: Callable[[str], None] | None = None,
-                     record: CallRecord | None = None,
-                     renamed: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[wpb.WorkerEvent]:
-        """Run one job on a worker and yield its events, failing over when the worker goes away.
+    def job(self, job: wpb.Job, context, **kw) -> RelayedJob:
+        """`job` relayed from a worker, its first call opened now (RelayedJob)."""
+        return RelayedJob(self, job, context, **kw).start()
 
-        A worker call that fails with a lost-worker code (WORKER_LOST_CODES) is left for another worker: before
-        any token the job is simply re-sent; after tokens were streamed it is re-sent with those tokens as
-        `resume_token_ids`, so the new worker continues exactly where the old one stopped (greedy or seeded
-        sampling: every unseeded job is seeded, new_job) and the caller sees one unbroken stream. Up to
-        config.retry_attempts failovers per job; while no other worker is healthy the job waits for one (a
-        restarted replica counts) until its deadline or config.failover_wait_s. `prefer` names the worker to try
-        first while it is healthy (a Chat session's). `follow_ups` (optional): the job's cancel and end, sent on
-        its worker stream. `on_address` learns each worker that starts producing events.
-        `record` (optional) learns the first token's time, the failovers and the last worker. `renamed`: how the
-        job's field names read in the client's request (renames)."""
-        state = _Failover(job, job, job.parameters.max_new_tokens or self.pool.default_max_new_tokens(job.model))
-        sent_at = time.monotonic()
-        while True:
-            target = await self._target(state, context, prefer)
-            if record is not None:
-                record.worker = target
-            lease = self.pool.acquire(target, state.pending - len(state.streamed))
-            call = self._call(target, state.current, context, follow_ups)
-            started = finished = False
-            try:
-                async for event in call:
-                    if not started:
-                        started = True
-                        if on_address is not None:
-                            on_address(target)
-                    finished = event.HasField("finished")
-                    delta = event.delta if not finished else event.finished.last_delta
-                    if delta.token_ids:
-                        self._streamed(state, delta.token_ids, sent_at, record)
-                    if finished and self.metrics is not None:
-                        self.metrics.usage(job.model, event.finished.usage)
-                    yield event
-                    if finished:  # the job's last event: the caller need not wait for the worker's trailers
-                        return
-                return
-            except grpc.aio.AioRpcError as exc:
-                self._failed(state, target, exc, context, record, renamed)
-            finally:
-                lease.release()
-                if finished:
-                    self.background.spawn(_drain(call))
-                else:
-                    call.cancel()
+    async def events(self, job: wpb.Job, context, **kw) -> AsyncIterator[wpb.WorkerEvent]:
+        """Run one job on a worker and yield its events (RelayedJob, with its options), closing it when done."""
+        relayed = self.job(job, context, **kw)
+        try:
+            async for event in relayed.events():
+                yield event
+        finally:
+            await relayed.close()
+
+    def until_done(self, call) -> None:
+        self._ending.add(call)
+        call.add_done_callback(self._ending.discard)
+
+    def pick_now(self, state: _Failover, prefer: str | None) -> str:
+        """A healthy worker for a job's first call (no waiting: nothing failed yet)."""
+        picked = self.pool.pick(state.job.model, prefer=prefer)
+        if picked is None:
+            raise NoHealthyWorker("no healthy worker for the model")
+        return picked[0].address
 
     def _call(self, target: str, job: wpb.Job, context, follow_ups: FollowUps | None):
         stub = self.pool.stub(target)
@@ -245,14 +316,14 @@ class Relay:
                 state.current.deadline_unix_ms = deadline_ms(context)
         state.wait_until = None
 
-    def fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Fanout:
-        """Start every job now, each on its own worker pick (with failover)."""
-        return Fanout(jobs, lambda job: self.events(job, context, record=record, renamed=renames(job)))
+    def fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Single | Fanout:
+        """Start every job now, each on its own worker pick (with failover); their events as one stream."""
+        return merged([self.job(job, context, record=record, renamed=renames(job)) for job in jobs])
 
     @staticmethod
-    async def close(fanout: Fanout | None) -> None:
-        if fanout is None:
+    async def close(jobs: Single | Fanout | None) -> None:
+        if jobs is None:
             return
-        await fanout.close()
-        if fanout.outbox.merged:
-            log.debug("deltas_coalesced", request_id=fanout.jobs[0].request_id, merged=fanout.outbox.merged)
+        await jobs.close()
+        if jobs.merged:
+            log.debug("deltas_coalesced", request_id=jobs.jobs[0].request_id, merged=jobs.merged)

@@ -95,11 +95,13 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     port = _bind(server, config)
     await server.start()
     await health.start()
+    metrics.loop_lag.start()
     log.info("router_started", port=port, workers=config.workers, routers=peers.count(),
              tls=config.tls_cert is not None, internal_token=config.internal_token is not None)
 
     async def cleanup(grace_s: float | None = None) -> None:
         grace = config.drain_grace_s if grace_s is None else grace_s
+        metrics.loop_lag.stop()
         await health.drain()
         log.info("router_draining", grace_s=grace)
         await server.stop(grace)

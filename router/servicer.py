@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,7 +20,7 @@ from router.concurrency import REQUESTS, SESSIONS
 from router.config import RouterConfig
 from router.costs import estimate_chat, estimate_text
 from router.errors import NoHealthyWorker, ServiceError, from_rpc_error
-from router.fanout import Fanout
+from router.fanout import Fanout, Single
 from router.keys import KeyRecord
 from router.metrics import RouterMetrics
 from router.relay import Relay, new_job
@@ -29,6 +28,7 @@ from router.relay import Relay, new_job
 log = structlog.get_logger("router.server")
 
 MAX_INPUTS = 64
+Jobs = Single | Fanout
 _NO_NEW_TOKENS = pb.SamplingParameters(max_new_tokens=0)  # CountTokens generates nothing
 
 
@@ -49,42 +49,50 @@ class RouterServicer(pb_grpc.InferenceServicer):
     @handle_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         record = begin_call("Generate", context)
-        fanout = None
+        jobs = None
         try:
-            fanout = await self._admit_generate(request, context, record)
-            outputs = [pb.Completion() for _ in fanout.jobs]
-            texts: list[list[str]] = [[] for _ in fanout.jobs]
-            async for index, event in fanout.events():
-                delta = event.delta if event.HasField("delta") else event.finished.last_delta
+            jobs = await self._admit_generate(request, context, record)
+            outputs = [pb.Completion() for _ in jobs.jobs]
+            texts: list[list[str]] = [[] for _ in jobs.jobs]
+            async for index, event in jobs.events():
+                if event.HasField("delta"):
+                    delta = event.delta
+                else:
+                    fin = event.finished
+                    delta = fin.last_delta
+                    outputs[index].finish_reason = fin.finish_reason
+                    outputs[index].usage.CopyFrom(fin.usage)
+                    record.add_usage(fin.usage)
                 texts[index].append(delta.text)
                 outputs[index].token_ids.extend(delta.token_ids)
-                if event.HasField("finished"):
-                    outputs[index].finish_reason = event.finished.finish_reason
-                    outputs[index].usage.CopyFrom(event.finished.usage)
-                    record.add_usage(event.finished.usage)
             for out, parts in zip(outputs, texts, strict=True):
                 out.text = "".join(parts)
             return pb.GenerateResponse(outputs=outputs)
         finally:
-            await self.relay.close(fanout)
+            await self.relay.close(jobs)
             self.admission.settle(record)
 
-    @handle_stream_errors
-    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
+    @handle_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
+        # Written with context.write (not as an async generator): each message goes from the worker's stream to the
+        # client's in the same step of this call's task, with no generator layers in between.
         record = begin_call("GenerateStream", context)
-        fanout = None
+        jobs = None
         try:
-            fanout = await self._admit_generate(request, context, record)
-            async for index, event in fanout.events():
+            jobs = await self._admit_generate(request, context, record)
+            write = context.write
+            async for index, event in jobs.events():
                 if event.HasField("delta"):
-                    yield pb.GenerateChunk(index=index, text=event.delta.text, token_ids=event.delta.token_ids)
+                    delta = event.delta
+                    await write(pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids))
                 else:
                     fin = event.finished
                     record.add_usage(fin.usage)
-                    yield pb.GenerateChunk(index=index, text=fin.last_delta.text, token_ids=fin.last_delta.token_ids,
-                                           finish_reason=fin.finish_reason, usage=fin.usage)
+                    await write(pb.GenerateChunk(index=index, text=fin.last_delta.text,
+                                                 token_ids=fin.last_delta.token_ids,
+                                                 finish_reason=fin.finish_reason, usage=fin.usage))
         finally:
-            await self.relay.close(fanout)
+            await self.relay.close(jobs)
             self.admission.settle(record)
 
     def _jobs(self, request: pb.GenerateRequest, model: str, context, record: CallRecord,
@@ -98,7 +106,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             jobs.append(job)
         return jobs
 
-    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Fanout:
+    async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Jobs:
         """Authenticate and charge a Generate/GenerateStream request; its jobs, started (possibly while the
         admission was in flight: _dispatch_ahead)."""
         admission = self.admission
@@ -108,11 +116,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
         well_formed = 0 < len(request.inputs) <= MAX_INPUTS and num_chars <= self.config.max_request_chars
         default_max_new = admission.default_max_new(request.model)
         cost = sum(estimate_text(t, request.parameters, default_max_new) for t in request.inputs) if well_formed else 0
+        # Started ahead, the jobs' worker calls are on their way before the admission's Redis command is (gRPC sends
+        # a call from a task it schedules at once; the limiter's commands go out at the end of this loop pass).
         ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
         try:
-            if ahead is not None:  # let the worker calls go out first (the pumps create them, then gRPC's send
-                await asyncio.sleep(0)  # task runs): the admission round trip below overlaps them
-                await asyncio.sleep(0)
             admitted = await admission.admit(presented, request.model, cost, record, well_formed)
             key, model = admitted.key, admitted.model
             record.model = model
@@ -126,20 +133,20 @@ class RouterServicer(pb_grpc.InferenceServicer):
             raise
         log.debug("request_admitted", request_id=record.request_id, key_id=key.key_id, inputs=len(request.inputs),
                   reserved=cost, one_round_trip=admitted.decided is not None, dispatched_ahead=ahead is not None)
-        fanout = await self._kept_ahead(ahead, model)
-        if fanout is None:
-            fanout = self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
+        jobs = await self._kept_ahead(ahead, model)
+        if jobs is None:
+            jobs = self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
         try:
-            await admission.headers_out(record)  # meanwhile the jobs run; their events wait in the fanout's outbox
+            await admission.headers_out(record, context)  # meanwhile the jobs run; their first events wait for it
         except BaseException:
-            await self.relay.close(fanout)
+            await self.relay.close(jobs)
             raise
-        return fanout
+        return jobs
 
     def _dispatch_ahead(self, presented: Presented, request: pb.GenerateRequest, cost: int, context,
-                        record: CallRecord) -> tuple[str, Fanout] | None:
+                        record: CallRecord) -> tuple[str, Jobs] | None:
         """Start the request's jobs before its admission is decided, when it is all but certain to be admitted
-        (router.ahead): (model, the started fanout), or None."""
+        (router.ahead): (model, the started jobs), or None."""
         if not self.config.dispatch_ahead:
             return None
         key = self.admission.known(presented)
@@ -153,7 +160,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             return None
         return model, self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
 
-    async def _kept_ahead(self, ahead: tuple[str, Fanout] | None, model: str) -> Fanout | None:
+    async def _kept_ahead(self, ahead: tuple[str, Jobs] | None, model: str) -> Jobs | None:
         """The jobs dispatched ahead, if they are what was admitted."""
         if ahead is None:
             return None
@@ -163,10 +170,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
         self.metrics.dispatch_ahead("kept")
         return ahead[1]
 
-    async def _drop_ahead(self, fanout: Fanout) -> None:
+    async def _drop_ahead(self, jobs: Jobs) -> None:
         """Cancel jobs sent ahead whose admission said no (or whose call ended first)."""
         self.metrics.dispatch_ahead("cancelled")
-        await self.relay.close(fanout)
+        await self.relay.close(jobs)
 
     # ---- Chat
 
@@ -207,7 +214,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         record.slot = admission.hold(admitted.key, REQUESTS, cost, admitted.decided)
         try:
             await admission.charge(admitted.key, cost, context, record, decided=admitted.decided, field=field_)
-            await admission.headers_out(record)
+            await admission.headers_out(record, context)
             return await self._count_tokens(request, admitted.model, context, record)
         finally:
             admission.settle(record)
@@ -235,7 +242,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         record = begin_call("ListModels", context)
         admitted = await self.admission.admit(self.admission.begin(context), None, 0, record)  # metered: 1 request
         await self.admission.charge(admitted.key, 0, context, record, decided=admitted.decided)
-        await self.admission.headers_out(record)
+        await self.admission.headers_out(record, context)
         pool = self.relay.pool
         return pb.ListModelsResponse(models=[pb.ModelInfo(name=name, max_context=pool.max_context(name))
                                              for name in pool.models()])
