@@ -22,27 +22,56 @@ class Relayed(Protocol):
 
 
 # How long the caller may take to pass one message on (its client's stream full: a slow reader, or one that
-# stopped) before the job's worker stream is read by a task of its own and its deltas coalesced (Single).
+# stopped) before the job's worker stream is read by a task of its own and its deltas coalesced (Single). A lagging
+# caller is noticed after LAGGING_S to 2 * LAGGING_S.
 LAGGING_S = 0.25
 _END = object()
+
+
+class LagWatch:
+    """Every LAGGING_S, looks at the Singles that are reading: one whose caller is still passing on the same message
+    as at the last look is decoupled. One timer for all of them (while any reads), so a message costs two attribute
+    writes, not a timer of its own."""
+
+    def __init__(self, period_s: float = LAGGING_S) -> None:
+        self.period_s = period_s
+        self._singles: set[Single] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, single: Single) -> None:
+        self._singles.add(single)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.period_s, self._look)
+
+    def discard(self, single: Single) -> None:
+        self._singles.discard(single)
+
+    def _look(self) -> None:
+        for single in list(self._singles):
+            single.look()
+        self._timer = (asyncio.get_running_loop().call_later(self.period_s, self._look) if self._singles
+                       else None)
 
 
 class Single:
     """One job. Its events are read straight from its worker call as the caller asks for them, on the caller's task:
     no task or buffer in between, so a message costs no extra pass of the event loop. Should the caller spend more
-    than LAGGING_S passing one message on (its client reads slowly or stopped), a task takes over reading the worker
-    stream into an Outbox that merges the deltas piling up: the worker is never held back by a slow client, and what
-    waits for that client is one message per output, not one per token."""
+    than LAGGING_S passing one message on (its client reads slowly or stopped; see LagWatch), a task takes over
+    reading the worker stream into an Outbox that merges the deltas piling up: the worker is never held back by a
+    slow client, and what waits for that client is one message per output, not one per token."""
 
-    __slots__ = ("jobs", "_relayed", "_source", "_outbox", "_pump", "_events")
+    __slots__ = ("jobs", "_relayed", "_source", "_outbox", "_pump", "_events", "_watch", "_passing", "_seen")
 
-    def __init__(self, relayed: Relayed) -> None:
+    def __init__(self, relayed: Relayed, watch: LagWatch) -> None:
         self.jobs = [relayed.job]
         self._relayed = relayed
         self._source = relayed.events()
         self._outbox: Outbox | None = None
         self._pump: asyncio.Task | None = None
         self._events: AsyncIterator | None = None
+        self._watch = watch
+        self._passing = -1  # the number of the message the caller is passing on, -1 while it is not
+        self._seen = -1  # _passing at the watch's last look
 
     def events(self) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
         if self._events is None:
@@ -50,18 +79,19 @@ class Single:
         return self._events
 
     async def _iterate(self) -> AsyncIterator[tuple[int, wpb.WorkerEvent]]:
-        loop = asyncio.get_running_loop()
-        source = self._source
-        while self._outbox is None:
-            try:
-                event = await anext(source)
-            except StopAsyncIteration:
-                return
-            lagging = loop.call_later(LAGGING_S, self._decouple, loop)
-            try:
+        source, n = self._source, 0
+        self._watch.add(self)
+        try:
+            while self._outbox is None:
+                try:
+                    event = await anext(source)
+                except StopAsyncIteration:
+                    return
+                self._passing = n = n + 1
                 yield 0, event
-            finally:
-                lagging.cancel()
+                self._passing = -1
+        finally:
+            self._watch.discard(self)
         while True:  # decoupled: the pump reads the worker stream
             _, item = await self._outbox.get()
             if item is _END:
@@ -70,9 +100,13 @@ class Single:
                 raise item
             yield 0, item
 
-    def _decouple(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._outbox = Outbox()
-        self._pump = loop.create_task(self._read())
+    def look(self) -> None:
+        """LagWatch: decouple when the caller is still passing on the message it was at the last look."""
+        if self._passing >= 0 and self._passing == self._seen and self._outbox is None:
+            self._watch.discard(self)
+            self._outbox = Outbox()
+            self._pump = asyncio.get_running_loop().create_task(self._read())
+        self._seen = self._passing
 
     async def _read(self) -> None:
         try:
@@ -87,7 +121,7 @@ class Single:
         return self._outbox.merged if self._outbox is not None else 0
 
     async def close(self) -> None:
-        if self._events is not None:  # (its lag timer with it, should the caller have left at a message)
+        if self._events is not None:
             await self._events.aclose()
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
@@ -140,5 +174,5 @@ class Fanout:
             await asyncio.gather(*running, return_exceptions=True)
 
 
-def merged(relayed: Sequence[Relayed]) -> Single | Fanout:
-    return Single(relayed[0]) if len(relayed) == 1 else Fanout(relayed)
+def merged(relayed: Sequence[Relayed], watch: LagWatch) -> Single | Fanout:
+    return Single(relayed[0], watch) if len(relayed) == 1 else Fanout(relayed)

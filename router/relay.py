@@ -18,7 +18,7 @@ from router.background import Background
 from router.calls import CallRecord
 from router.config import RouterConfig
 from router.errors import NoHealthyWorker, WorkerLost, public_error
-from router.fanout import Fanout, Single, merged
+from router.fanout import Fanout, LagWatch, Single, merged
 from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool
 
@@ -231,6 +231,7 @@ class Relay:
         self.metrics = metrics
         self.background = background if background is not None else Background()
         self._ending: set = set()  # finished worker calls waiting for their trailers (a dropped call is cancelled)
+        self.lag_watch = LagWatch()
 
     def job(self, job: wpb.Job, context, **kw) -> RelayedJob:
         """`job` relayed from a worker, its first call opened now (RelayedJob)."""
@@ -318,7 +319,7 @@ class Relay:
 
     def fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Single | Fanout:
         """Start every job now, each on its own worker pick (with failover); their events as one stream."""
-        return merged([self.job(job, context, record=record, renamed=renames(job)) for job in jobs])
+        return merged([self.job(job, context, record=record, renamed=renames(job)) for job in jobs], self.lag_watch)
 
     @staticmethod
     async def close(jobs: Single | Fanout | None) -> None:
