@@ -9,7 +9,7 @@ one loop pass longer than with a direct call (the batch is written at the end of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -18,20 +18,27 @@ class CommandBatcher:
     """`await batcher.run(commands)`: the replies of `commands` (each a tuple of command arguments), in order; a
     command Redis refused comes back as its exception instance, the others are unaffected. A failure of the
     connection itself (down, timed out) raises for every caller of that batch. Cancelling a caller does not cancel
-    its batch (other callers share it); its replies are dropped."""
+    its batch (other callers share it): its replies go to its `abandoned` callback if it gave one (e.g. to undo a
+    charge Redis applied for a caller that is gone), else they are dropped."""
 
     def __init__(self, redis_client: aioredis.Redis) -> None:
         self._redis = redis_client
         self._pending: list[tuple[Sequence[tuple], asyncio.Future]] = []
         self._flushing: set[asyncio.Task] = set()
 
-    async def run(self, commands: Sequence[tuple]) -> list:
+    async def run(self, commands: Sequence[tuple], abandoned: Callable[[list], None] | None = None) -> list:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)  # after every caller of this pass has added its commands
         self._pending.append((commands, future))
-        return await future
+        if abandoned is None:
+            return await future
+        try:
+            return await asyncio.shield(future)  # (a future, not a coroutine: no task, the reply is kept)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: _hand_over(f, abandoned))
+            raise
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -58,3 +65,8 @@ class CommandBatcher:
             if not future.done():
                 future.set_result(replies[start:start + len(commands)])
             start += len(commands)
+
+
+def _hand_over(future: asyncio.Future, abandoned: Callable[[list], None]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        abandoned(future.result())

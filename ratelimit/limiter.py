@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,20 +164,27 @@ class RateLimiter:
             raise ValueError("acquire costs must be >= 0; use refund() to give units back")
         return await self._charge(key, requests)
 
-    async def acquire_quota(self, key: str, rpm: Limit, tpm: Limit, tokens: int) -> QuotaDecision:
-        """Charge one request and `tokens` reserved tokens to `key`, both or neither."""
-        req, tok = await self.acquire(key, [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)])
+    async def acquire_quota(self, key: str, rpm: Limit, tpm: Limit, tokens: int,
+                            abandoned: Callable[[bool], None] | None = None) -> QuotaDecision:
+        """Charge one request and `tokens` reserved tokens to `key`, both or neither. `abandoned`: called with
+        whether Redis charged them, should the caller be cancelled before the answer came (see _run)."""
+        if tokens < 0:
+            raise ValueError("acquire costs must be >= 0; use refund() to give units back")
+        requests = [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)]
+        _, raw = await self._run(*self._script_args(key, requests), abandoned=abandoned)
+        req, tok = _decisions(raw, requests)
         return QuotaDecision(requests=req, tokens=tok)
 
-    async def acquire_quota_with(self, before: Sequence, key: str, rpm: Limit, tpm: Limit,
-                                 tokens: int) -> tuple[object, QuotaDecision]:
+    async def acquire_quota_with(self, before: Sequence, key: str, rpm: Limit, tpm: Limit, tokens: int,
+                                 abandoned: Callable[[bool], None] | None = None) -> tuple[object, QuotaDecision]:
         """acquire_quota, with the Redis command `before` (e.g. an API-key lookup) sent in the same pipeline: one
         round trip for both. Returns `before`'s reply (an exception instance if that command alone failed) and the
         decision. A NOSCRIPT reply (Redis restarted or flushed its scripts) loads the script and sends both again."""
         if tokens < 0:
             raise ValueError("acquire costs must be >= 0; use refund() to give units back")
         requests = [(REQUESTS, rpm, 1), (TOKENS, tpm, tokens)]
-        (reply,), raw = await self._run(*self._script_args(key, requests), before=(tuple(before),))
+        (reply,), raw = await self._run(*self._script_args(key, requests), before=(tuple(before),),
+                                        abandoned=abandoned)
         req, tok = _decisions(raw, requests)
         return reply, QuotaDecision(requests=req, tokens=tok)
 
@@ -216,20 +223,24 @@ class RateLimiter:
         _, raw = await self._run(*self._script_args(key, requests, force))
         return _decisions(raw, requests)
 
-    async def _run(self, keys: list[str], args: list, before: Sequence[tuple] = ()) -> tuple[list, list]:
+    async def _run(self, keys: list[str], args: list, before: Sequence[tuple] = (),
+                   abandoned: Callable[[bool], None] | None = None) -> tuple[list, list]:
         """One round trip: the commands `before` (their replies returned as they are, an exception instance for a
         command Redis refused) and the script's EVALSHA, sent with whatever other decisions this event-loop pass
         issued (CommandBatcher). A NOSCRIPT reply (Redis restarted or flushed its scripts) sends them again after a
         SCRIPT LOAD, in the same batch: one more round trip, and callers that hit NOSCRIPT together share its
-        connection rather than each opening one to load the script."""
+        connection rather than each opening one to load the script. `abandoned`: should the caller be cancelled
+        (or time out) before the answer, it is called with whether the script charged everything it asked for, once
+        Redis answers — with no task per call, which is what waiting for the answer on the caller's behalf costs."""
         evalsha = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        on_replies = None if abandoned is None else (lambda replies: abandoned(_all_allowed(replies[-1])))
         commands = (*before, evalsha)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             async with asyncio.timeout(self.deadline.timeout_s):
                 for attempt in range(2):
-                    *replies, raw = await self._batcher.run(commands)
+                    *replies, raw = await self._batcher.run(commands, on_replies)
                     if isinstance(raw, NoScriptError) and attempt == 0:
                         commands = (*before, ("SCRIPT", "LOAD", _SCRIPT), evalsha)
                         continue
@@ -242,6 +253,11 @@ class RateLimiter:
                 self.deadline.timed_out()
             raise RateLimitBackendError(f"rate-limit backend failed: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
+
+
+def _all_allowed(raw: object) -> bool:
+    """Whether a script reply (four values per bucket, the first 1 when that bucket allowed) charged every bucket."""
+    return isinstance(raw, list) and len(raw) >= 4 and all(float(raw[i]) == 1.0 for i in range(0, len(raw), 4))
 
 
 def _decisions(raw: list, requests: Sequence[tuple[str, Limit, int]]) -> tuple[Decision, ...]:

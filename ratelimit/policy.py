@@ -101,11 +101,13 @@ class GuardedLimiter:
             return self.fallback_share
         return 1.0 / max(1, self.num_routers())
 
-    async def acquire_quota(self, key: str, tier: Tier, tokens: int) -> GuardedDecision:
-        """Charge one request and `tokens` to `key` under `tier`. Raises LimiterUnavailable under FAIL_CLOSED."""
+    async def acquire_quota(self, key: str, tier: Tier, tokens: int,
+                            abandoned: Callable[[bool], None] | None = None) -> GuardedDecision:
+        """Charge one request and `tokens` to `key` under `tier`. Raises LimiterUnavailable under FAIL_CLOSED.
+        `abandoned`: see RateLimiter.acquire_quota."""
         if self._redis_usable():
             try:
-                d = await self.redis.acquire_quota(key, tier.requests, tier.tokens, tokens)
+                d = await self.redis.acquire_quota(key, tier.requests, tier.tokens, tokens, abandoned)
             except RateLimitBackendError as exc:
                 self._failed(key, "acquire", exc)
             else:
@@ -123,15 +125,17 @@ class GuardedLimiter:
             self._owe(key, TOKENS, tier.tokens, tokens)
         return GuardedDecision(d.requests, d.tokens, degraded=True)
 
-    async def acquire_quota_with(self, before, key: str, tier: Tier,
-                                 tokens: int) -> tuple[object, GuardedDecision] | None:
+    async def acquire_quota_with(self, before, key: str, tier: Tier, tokens: int,
+                                 abandoned: Callable[[bool], None] | None = None,
+                                 ) -> tuple[object, GuardedDecision] | None:
         """acquire_quota with the Redis command `before` in the same round trip (RateLimiter.acquire_quota_with):
         returns (before's reply, decision), or None when Redis is skipped (cooldown) or fails — the caller then
         makes its calls one by one, which apply the failure policy. Charges nothing when it returns None."""
         if not self._redis_usable():
             return None
         try:
-            reply, d = await self.redis.acquire_quota_with(before, key, tier.requests, tier.tokens, tokens)
+            reply, d = await self.redis.acquire_quota_with(before, key, tier.requests, tier.tokens, tokens,
+                                                           abandoned)
         except RateLimitBackendError as exc:
             self._failed(key, "acquire", exc)
             return None

@@ -4,7 +4,6 @@ path that pipelines a known key's lookup with its charge."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from dataclasses import dataclass
@@ -87,8 +86,8 @@ class Admission:
         if tier is None:
             return None
         command, key_id, tier_name = guess
-        got = await self._uncancelled(self.limiter.acquire_quota_with(command, key_id, tier, cost), key_id, tier,
-                                      cost)
+        got = await self.limiter.acquire_quota_with(command, key_id, tier, cost,
+                                                    self._refund_if_charged(key_id, tier, cost))
         if got is None:
             return None
         reply, d = got
@@ -106,24 +105,16 @@ class Admission:
             return Admitted(key, model, None)
         return Admitted(key, model, (tier, d))
 
-    async def _uncancelled(self, charge, key_id: str, tier: Tier, tokens: int):
-        """Await a limiter charge. If the call is cancelled meanwhile (the client went away), Redis may still apply
-        the charge: it is left to finish and, if it admitted, refunded whole, so a client gone during its admission
-        is not billed for it."""
-        task = asyncio.ensure_future(charge)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda t: self._refund_abandoned(t, key_id, tier, tokens))
-            raise
+    def _refund_if_charged(self, key_id: str, tier: Tier, tokens: int):
+        """What to do when a call is cancelled (its client went away) while Redis decides its charge: Redis may
+        still apply it; once it answers, a charge it applied is refunded whole, so a client gone during its
+        admission is not billed for it. Handed to the limiter, which keeps the answer for it (no task per call)."""
 
-    def _refund_abandoned(self, task: asyncio.Future, key_id: str, tier: Tier, tokens: int) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        got = task.result()
-        d = got[1] if isinstance(got, tuple) else got  # acquire_quota_with: (reply, decision) or None
-        if isinstance(d, GuardedDecision) and d.allowed and not d.degraded:
-            self.background.spawn(self.limiter.refund_quota(key_id, tier, tokens))
+        def abandoned(charged: bool) -> None:
+            if charged:
+                self.background.spawn(self.limiter.refund_quota(key_id, tier, tokens))
+
+        return abandoned
 
     def resolve_model(self, key: KeyRecord, requested: str) -> str:
         models = self.pool.models()  # (one snapshot of the pool: the first name is the pool's default model)
@@ -191,8 +182,8 @@ class Admission:
     async def _acquire(self, key: KeyRecord, tokens: int) -> tuple[Tier, GuardedDecision]:
         tier = self.tier(key)
         try:
-            return tier, await self._uncancelled(self.limiter.acquire_quota(key.key_id, tier, tokens), key.key_id,
-                                                 tier, tokens)
+            return tier, await self.limiter.acquire_quota(key.key_id, tier, tokens,
+                                                          self._refund_if_charged(key.key_id, tier, tokens))
         except LimiterUnavailable as exc:
             self.metrics.ratelimit_decision("unavailable")
             raise LimiterDown("rate-limit backend unavailable") from exc

@@ -55,7 +55,7 @@ class FakeRedis:
     def _decision(self, bucket: str, limit: Limit) -> Decision:
         return Decision(True, self.left.get(bucket, limit.burst), 0.0, 0.0, limit.burst)
 
-    async def acquire_quota(self, key, rpm, tpm, tokens):
+    async def acquire_quota(self, key, rpm, tpm, tokens, abandoned=None):
         self._check()
         return QuotaDecision(self._decision(REQUESTS, rpm), self._decision(TOKENS, tpm))
 

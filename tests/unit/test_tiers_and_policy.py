@@ -214,7 +214,7 @@ class FakeRedisLimiter:
         if self.down:
             raise RateLimitBackendError("rate-limit backend failed: ConnectionError: refused")
 
-    async def acquire_quota(self, key, rpm, tpm, tokens):
+    async def acquire_quota(self, key, rpm, tpm, tokens, abandoned=None):
         self._check()  # answers as if the shared buckets were full: the local ones mirror that
         return QuotaDecision(Decision(True, rpm.burst, 0.0, 0.0, rpm.burst),
                              Decision(True, tpm.burst, 0.0, 0.0, tpm.burst))
