@@ -72,7 +72,12 @@ def main() -> int:
     ap.add_argument("--worker", required=True, help="host:port of the worker")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    ap.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop (as the router does when it can)")
     args = ap.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
     asyncio.run(serve(args.worker, args.port, args.port_file))
     return 0
 

