@@ -151,6 +151,10 @@ def test_router_metrics(router):
     assert value(m, "llamagrid_router_time_to_first_token_seconds_count", model=model) == finished
     assert value(m, "llamagrid_router_prompt_tokens_total", model=model) > 0
     assert finished <= value(m, "llamagrid_router_completion_tokens_total", model=model) <= 4 * finished
+    # the event loop's lag is sampled every 50 ms from the start: samples, each under a second on an idle router
+    m = wait_until(lambda: (lambda m: m if value(m, "llamagrid_router_event_loop_lag_seconds_count") >= 2 else None)(
+        scrape(metrics_port)), "two event-loop lag samples")
+    assert value(m, "llamagrid_router_event_loop_lag_seconds_bucket", le="1.0") >= 1
     labels = all_label_values(m)
     assert CANARY not in labels
     assert not any(k in labels for k in keys.values())
