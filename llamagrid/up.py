@@ -136,11 +136,16 @@ def metrics_url(port: int) -> str:
 
 
 def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_only: bool = False,
-       log_level: str = "info", is_tiny: bool = True, startup_timeout_s: float = 900.0, metrics: bool = True) -> int:
+       log_level: str = "info", is_tiny: bool = True, startup_timeout_s: float = 900.0, metrics: bool = True,
+       router_processes: int = 1) -> int:
     """`metrics`: the router, each worker and each supervisor serve Prometheus /metrics on free loopback ports
-    (fixed for the run, so a worker keeps its port across supervised restarts); the URLs are printed."""
+    (fixed for the run, so a worker keeps its port across supervised restarts); the URLs are printed.
+    `router_processes`: the router's --processes (one by default: on one machine the workers' CPU, not the
+    router's, is what a local cluster runs out of, and every router process is one more to start)."""
     from ratelimit.redis_server import RedisServer
 
+    if router_processes < 1:
+        raise SystemExit(f"error: --router-processes must be >= 1, got {router_processes}")
     started = time.monotonic()
     run_dir = Path(tempfile.mkdtemp(prefix="llamagrid-up-"))
     cluster = Cluster(run_dir, log_level)
@@ -176,10 +181,11 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
         router_file = cluster.spawn("router", [
             "-m", "router", "--port", str(port), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
             "--redis-url", cluster.redis.url, "--log-level", log_level, "--drain-grace", "10",
-            *metrics_args("router", 0)])
+            "--processes", str(router_processes), *metrics_args("router", 0)])
         router_port = cluster.wait_port("router", router_file, 60)
         address = f"127.0.0.1:{router_port}"
-        print(f"router serving llamagrid.v1.Inference on {address} in front of workers "
+        processes = f" with {router_processes} processes" if router_processes > 1 else ""
+        print(f"router serving llamagrid.v1.Inference on {address}{processes} in front of workers "
               f"{', '.join(f'127.0.0.1:{p}' for p in ports)}", flush=True)
         _demo_chat(address, key)
         print(f"first streamed reply {time.monotonic() - started:.1f} s after start", flush=True)

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.event_loop import EVENT_LOOPS
 from common.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 from ratelimit.policy import FailurePolicy
 from router.discovery import from_spec
 
 PEPPER_ENV = "LLAMAGRID_KEY_PEPPER"
 REDIS_URL_ENV = "LLAMAGRID_REDIS_URL"
+PROCESSES_ENV = "LLAMAGRID_ROUTER_PROCESSES"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,10 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off, 0 = any free port
+    metrics_host: str | None = None  # where /metrics listens; None = host
+    # N > 1: python -m router runs N router processes on one port (router.processes), each with its own config
+    processes: int = 1
+    reuse_port: bool = False  # SO_REUSEPORT on the client port: the processes of one --processes router share it
     workers: str = "127.0.0.1:50061"
     discovery_interval_s: float = 5.0
     redis_url: str | None = None  # None: build_router refuses; python -m router starts a private redis-server
@@ -60,6 +66,7 @@ class RouterConfig:
     max_connection_age_grace_s: float = 3600.0  # ... whose calls may finish meanwhile (a Chat session included)
     max_concurrent_streams: int = 1024  # calls in flight on one connection; more wait in the client
     log_level: str = "info"
+    event_loop: str = "auto"  # uvloop when installed (common.event_loop), or "uvloop" / "asyncio"
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -69,6 +76,12 @@ class RouterConfig:
             raise ValueError(f"metrics_port must be None or an integer in 0..65535, got {self.metrics_port!r}")
         if not self.host:
             raise ValueError("host must not be empty")
+        if self.metrics_host is not None and not self.metrics_host:
+            raise ValueError("metrics_host must be None or a non-empty host")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"processes must be an integer >= 1, got {self.processes!r}")
         if not isinstance(self.workers, str):
             raise ValueError(f"workers must be a discovery spec string, got {self.workers!r}")
         from_spec(self.workers)  # raises ValueError naming the bad target; builds no connection
@@ -118,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: a free port)")
+    p.add_argument("--metrics-host", default=None, help="the address /metrics listens on (default: --host)")
+    p.add_argument("--processes", type=int, default=None,
+                   help=f"router processes sharing the port (SO_REUSEPORT), e.g. one per core; their /metrics are "
+                        f"merged on --metrics-port with a `process` label (default ${PROCESSES_ENV}, else 1)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="set SO_REUSEPORT on the client port, so other processes may serve it too (--processes "
+                        "sets it in its own processes)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", default=None, help=f"host:port,host:port (default {d['workers'].default})")
     where.add_argument("--workers-dns", default=None, metavar="NAME:PORT",
@@ -159,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a Chat session may wait for its next turn")
     _add_connection_args(p, d)
     p.add_argument("--log-level", default=d["log_level"].default)
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=d["event_loop"].default,
+                   help="the event loop: uvloop when installed (auto, the default; its passes cost less, and grpc.aio "
+                        "takes one new call per pass), or asyncio's own")
     return p
 
 
@@ -185,12 +208,16 @@ def _add_connection_args(p: argparse.ArgumentParser, d: dict) -> None:
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RouterConfig:
-    """The config from parsed args; the key pepper (and a default redis URL) come from `environ` (os.environ)."""
+    """The config from parsed args; the key pepper (and defaults of the redis URL and the processes) come from
+    `environ` (os.environ)."""
     env = os.environ if environ is None else environ
     return RouterConfig(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        processes=_processes(args, env),
+        reuse_port=args.reuse_port,
         workers=_workers_spec(args),
         discovery_interval_s=args.discovery_interval,
         redis_url=args.redis_url or env.get(REDIS_URL_ENV) or None,
@@ -224,7 +251,20 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         max_connection_age_grace_s=args.max_connection_age_grace,
         max_concurrent_streams=args.max_concurrent_streams,
         log_level=args.log_level,
+        event_loop=args.event_loop,
     )
+
+
+def _processes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if args.processes is not None:
+        return args.processes
+    text = env.get(PROCESSES_ENV, "").strip()
+    if not text:
+        return 1
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{PROCESSES_ENV} must be an integer >= 1, got {text!r}") from None
 
 
 def _workers_spec(args: argparse.Namespace) -> str:

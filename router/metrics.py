@@ -50,7 +50,17 @@ llamagrid_router_workers_discovered           gauge      -               discove
 llamagrid_router_event_loop_lag_seconds       histogram  -               how late the router's event loop ran a timer
                                                                          due every 50 ms: the wait of every new call
                                                                          and relayed message at that moment
+llamagrid_router_processes                    gauge      -               --processes N only, from the parent: router
+                                                                         processes serving
+llamagrid_router_process_restarts_total       counter    process         --processes N only, from the parent: processes
+                                                                         started again after exiting, by index
 ============================================  =========  ==============  ===============================================
+
+With `--processes N` (router.processes) each process serves this registry on a loopback port of its own, and the
+parent's --metrics-port re-exposes every process's samples with one more label, `process` ("0" .. "N-1": the
+index, not a pid, so bounded and kept by a restarted process): `sum without (process)` gives the router's totals
+and each counter stays monotonic per process. Gauges of shared state (routers_alive, workers) are each process's
+own view: aggregate them with max, not sum.
 """
 
 from __future__ import annotations

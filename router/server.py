@@ -51,7 +51,9 @@ def _grpc_server(config: RouterConfig) -> grpc.aio.Server:
         max_connection_idle_s=config.max_connection_idle_s, max_connection_age_s=config.max_connection_age_s,
         max_connection_age_grace_s=config.max_connection_age_grace_s,
         max_concurrent_streams=config.max_concurrent_streams)
-    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *connections], interceptors=[RequestGuard()])
+    # SO_REUSEPORT only when asked (the processes of `--processes N`): else a second router on a port in use fails
+    reuse_port = 1 if config.reuse_port else 0
+    return grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *connections], interceptors=[RequestGuard()])
 
 
 async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
@@ -85,7 +87,7 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     relay = Relay(config, pool, metrics, background)
     metrics_http = None
     if config.metrics_port is not None:
-        metrics_http = serve_metrics(metrics.registry, config.host, config.metrics_port)
+        metrics_http = serve_metrics(metrics.registry, config.metrics_host or config.host, config.metrics_port)
         log.info("metrics_serving", port=metrics_http.server_port)
     server = _grpc_server(config)
     pb_grpc.add_InferenceServicer_to_server(RouterServicer(config, admission, relay, metrics), server)

@@ -39,12 +39,13 @@ def _check_started(stdout: str, replicas: int) -> dict[str, str]:
 
 def test_up_demo_only(tmp_path):
     """--demo-only: the demo chat, then every process stopped and status 0 (one replica: the two-replica cluster
-    is the next test's)."""
+    is the next test's; two router processes on one port: the next test runs one)."""
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0", "--replicas", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0", "--replicas", "1",
+                           "--router-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_started(proc.stdout, replicas=1)
+    assert re.search(r"router serving llamagrid\.v1\.Inference on 127\.0\.0\.1:\d+ with 2 processes", proc.stdout)
     assert (tmp_path / "tiny-llama-2-chat" / "config.json").exists()
     assert not _processes_mentioning(str(tmp_path)), "llamagrid up left processes behind"
 

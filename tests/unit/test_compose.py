@@ -353,6 +353,19 @@ def test_router_command_parses_and_builds_a_config(stack):
     assert load_tiers(config.tiers_path)
 
 
+def test_router_processes_come_from_the_environment():
+    """Two router processes on the router's port unless LLAMAGRID_ROUTER_PROCESSES says otherwise."""
+    from router.config import PROCESSES_ENV
+
+    for env, expected in ((ENV, 2), ({**ENV, PROCESSES_ENV: "4"}, 4)):
+        stack = {**stacks()["cpu"], "services": load(BASE, env)["services"]}
+        service = stack["services"]["router"]
+        args = router_parser().parse_args(mapped(command(service)[3:], container_files(stack, service)))
+        assert args.processes is None, "--processes on the command line would override the environment"
+        environment = {k: str(v) for k, v in service["environment"].items()}
+        assert router_config(args, environ=environment).processes == expected
+
+
 def test_router_reaches_redis_and_every_worker(stack):
     services = stack["services"]
     router = services["router"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -248,7 +249,7 @@ def test_router_command_builds_a_config(tmp_path: Path) -> None:
 
     args = _router_args()
     container = _container("Deployment", "llamagrid-router", "router")
-    env = {e["name"]: e.get("value", "x" * 32) for e in container.get("env", [])}
+    env = {e["name"]: _env_value(container, e, "x" * 32) for e in container.get("env", [])}
     for name in ("tls_cert", "tls_key", "internal_token_file"):
         stand_in = tmp_path / name
         stand_in.write_text("t" * 32)
@@ -259,6 +260,37 @@ def test_router_command_builds_a_config(tmp_path: Path) -> None:
     assert config.tls_cert is not None and config.internal_token is not None
     assert config.key_pepper, "the key pepper must come from a Secret"
     assert config.redis_url, "the router needs the shared Redis (no embedded one in a cluster)"
+
+
+def _env_value(container: dict, entry: dict, secret: str) -> str:
+    """What the kubelet puts in an env var: its value, a container resource by the Downward API (rounded up in units
+    of its divisor, as the kubelet rounds), or `secret` standing in for a Secret's."""
+    if "value" in entry:
+        return entry["value"]
+    field = entry["valueFrom"].get("resourceFieldRef")
+    if field is None:
+        return secret
+    kind, resource = field["resource"].split(".")
+    return str(math.ceil(_cpus(container["resources"][kind][resource]) / _cpus(field.get("divisor", "1"))))
+
+
+def _cpus(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_router_processes_match_the_cpu_request() -> None:
+    """One router process per requested CPU (python -m router --processes, default from the environment)."""
+    from router.config import PROCESSES_ENV, config_from_args
+
+    container = _container("Deployment", "llamagrid-router", "router")
+    (entry,) = [e for e in container["env"] if e["name"] == PROCESSES_ENV]
+    assert entry["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+    assert _router_args().processes is None, "--processes on the command line would override the CPU request"
+    processes = int(_env_value(container, entry, ""))
+    assert processes == math.ceil(_cpus(container["resources"]["requests"]["cpu"])) >= 2
+    args = _router_args()
+    args.internal_token_file = args.tls_cert = args.tls_key = None
+    assert config_from_args(args, {PROCESSES_ENV: str(processes)}).processes == processes
 
 
 def test_router_finds_the_workers_headless_service() -> None:
