@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from common.block_hash import BlockHash, cacheable_blocks, hash_block
 from worker.sequence import Sequence
 
-BlockHash = bytes
-
-
-def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
-    """Chain hash of one full block: it names the block's tokens and every token before them.
-
-    NOTE: a cryptographic digest, not hash(): a collision would silently serve another prompt's KV.
-    """
-    return hashlib.sha256((parent or b"") + array("q", token_ids).tobytes()).digest()
+__all__ = ["NO_PREFIX", "BlockHash", "BlockManager", "CachedPrefix", "hash_block"]
 
 
 @dataclass(slots=True, eq=False)
@@ -82,7 +73,7 @@ class BlockManager:
         bs = self.block_size
         block_ids: list[int] = []
         parent: BlockHash | None = None
-        for i in range((seq.num_tokens - 1) // bs):
+        for i in range(cacheable_blocks(seq.num_tokens, bs)):
             parent = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block_id = self._cached.get(parent)
             if block_id is None:

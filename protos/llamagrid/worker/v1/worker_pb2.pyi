@@ -130,3 +130,33 @@ class LoadResponse(_message.Message):
     num_total_blocks: int
     num_pending_tokens: int
     def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_pending_tokens: _Optional[int] = ...) -> None: ...
+
+class CacheEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CacheEvent(_message.Message):
+    __slots__ = ("epoch", "snapshot", "stored", "evicted", "block_size")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    snapshot: bool
+    stored: _containers.RepeatedScalarFieldContainer[int]
+    evicted: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    def __init__(self, epoch: _Optional[str] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class TokenizerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenizerResponse(_message.Message):
+    __slots__ = ("tokenizer_json", "block_size")
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_json: str
+    block_size: int
+    def __init__(self, tokenizer_json: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...

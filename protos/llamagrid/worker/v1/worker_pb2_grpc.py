@@ -61,6 +61,16 @@ class WorkerStub:
                 request_serializer=protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.CacheEvents = channel.unary_stream(
+                '/llamagrid.worker.v1.Worker/CacheEvents',
+                request_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEvent.FromString,
+                _registered_method=True)
+        self.Tokenizer = channel.unary_unary(
+                '/llamagrid.worker.v1.Worker/Tokenizer',
+                request_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerRequest.SerializeToString,
+                response_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -104,6 +114,24 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CacheEvents(self, request, context):
+        """What the prefix cache holds, as it changes: first a snapshot of every cached block, then the blocks
+        stored and evicted since, for as long as the caller listens. Each caller (router) gets its own
+        stream, so any number of them see the exact cache. A caller whose stream ends must forget what it
+        learned from it (the worker may have restarted with an empty cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenizer(self, request, context):
+        """How this replica turns text into prompt token ids (Job.text), so a caller can name a prompt's
+        blocks as the worker will, and send Job.token_ids instead of the text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +159,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
                     response_serializer=protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'CacheEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.CacheEvents,
+                    request_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEventsRequest.FromString,
+                    response_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEvent.SerializeToString,
+            ),
+            'Tokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenizer,
+                    request_deserializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerRequest.FromString,
+                    response_serializer=protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +307,60 @@ class Worker:
             '/llamagrid.worker.v1.Worker/CountTokens',
             protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
             protos_dot_llamagrid_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CacheEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llamagrid.worker.v1.Worker/CacheEvents',
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEventsRequest.SerializeToString,
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.CacheEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamagrid.worker.v1.Worker/Tokenizer',
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerRequest.SerializeToString,
+            protos_dot_llamagrid_dot_worker_dot_v1_dot_worker__pb2.TokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,
