@@ -16,6 +16,7 @@ from router.discovery import from_spec
 PEPPER_ENV = "LLAMAGRID_KEY_PEPPER"
 REDIS_URL_ENV = "LLAMAGRID_REDIS_URL"
 PROCESSES_ENV = "LLAMAGRID_ROUTER_PROCESSES"
+ROUTINGS = ("cache", "load")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,12 @@ class RouterConfig:
     retry_attempts: int = 3  # failovers per request: worker failures before or during its stream (then resumed)
     failover_wait_s: float = 30.0  # a failed-over request waits this long (or its deadline) for a healthy worker
     drain_grace_s: float = 30.0  # on SIGTERM: in-flight calls get this long to finish
+    # "cache": each request goes where its prompt's leading blocks are cached, weighed against load
+    # (router.prefix_routing); "load": power of two choices on load only
+    routing: str = "cache"
+    # the one knob of cache-aware routing: this many cached prompt tokens outweigh one more request outstanding
+    # on a worker (smaller: load counts for more; larger: affinity does)
+    cache_affinity_tokens: int = 256
     dispatch_ahead: bool = True  # start a verified key's job while its admission is in flight (router.ahead)
     max_request_chars: int = 200_000  # characters of text in one call (all inputs, or a turn's messages) at most
     chat_max_age_s: float = 3600.0  # a Chat session ends (UNAVAILABLE) once this old, after its current turn
@@ -80,6 +87,11 @@ class RouterConfig:
             raise ValueError("metrics_host must be None or a non-empty host")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if isinstance(self.cache_affinity_tokens, bool) or not isinstance(self.cache_affinity_tokens, int) \
+                or self.cache_affinity_tokens < 1:
+            raise ValueError(f"cache_affinity_tokens must be an integer >= 1, got {self.cache_affinity_tokens!r}")
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
             raise ValueError(f"processes must be an integer >= 1, got {self.processes!r}")
         if not isinstance(self.workers, str):
@@ -168,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a failed-over request waits for a healthy worker (bounded by its deadline)")
     p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default,
                    help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--routing", choices=ROUTINGS, default=d["routing"].default,
+                   help="cache: send a request where its prompt's prefix is cached, weighed against load (the "
+                        "workers publish their caches); load: the less loaded of two random workers")
+    p.add_argument("--cache-affinity-tokens", type=int, default=d["cache_affinity_tokens"].default,
+                   help="cached prompt tokens worth one more request outstanding on a worker (--routing cache)")
     p.add_argument("--no-dispatch-ahead", dest="dispatch_ahead", action="store_false",
                    help="send a job to a worker only after its admission (default: a key verified here before, with "
                         "rate-limit room left, is dispatched while the admission round trip is in flight)")
@@ -236,6 +253,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         retry_attempts=args.retry_attempts,
         failover_wait_s=args.failover_wait,
         drain_grace_s=args.drain_grace,
+        routing=args.routing,
+        cache_affinity_tokens=args.cache_affinity_tokens,
         dispatch_ahead=args.dispatch_ahead,
         max_request_chars=args.max_request_chars,
         chat_max_age_s=args.chat_max_age,
