@@ -83,6 +83,44 @@ def pick(workers: Sequence[WorkerState], model: str, rng: random.Random,
     return b if load_score(b) < load_score(a) else a
 
 
+# Why a worker was chosen (llamagrid_router_routing_decisions_total{reason}).
+CACHE = "cache"  # it holds the longest cached prefix of the prompt, and its load does not outweigh that
+SPILL = "spill"  # another worker holds more of the prompt, but is loaded beyond what the cached tokens are worth
+LOAD = "load"  # no worker with a known cache holds any of the prompt: load alone decided
+NO_VIEW = "no_view"  # no candidate's cache is known (no event stream): load alone decided
+STICKY = "sticky"  # a Chat session's worker
+REASONS = (CACHE, SPILL, LOAD, NO_VIEW, STICKY)
+
+
+def pick_cached(workers: Sequence[WorkerState], model: str, rng: random.Random, cached_tokens: dict[str, int],
+                affinity_tokens: int, exclude: frozenset[str] = frozenset()) -> tuple[WorkerState | None, str]:
+    """Choose a worker for a prompt by expected cached tokens against load, with the reason.
+
+    `cached_tokens`: address -> prompt tokens that worker holds cached, for the workers whose cache is known. Each
+    candidate costs
+
+        cost = load_score(w) - cached_tokens(w) / affinity_tokens
+
+    and the cheapest wins (ties broken at random): `affinity_tokens` cached tokens are worth one more request
+    outstanding there. A hot prefix therefore stays where it is cached only until that worker's load exceeds
+    another's by what the prefix saves; then the next request goes to the other worker, which caches the prefix too
+    (a hot prefix ends up on more replicas). Without any cached token anywhere, or without any known cache, this is
+    `pick` (power of two choices), so a new prefix lands on a lightly loaded worker at random.
+    """
+    pool = candidates(workers, model, exclude)
+    if not pool:
+        return None, LOAD
+    if not any(w.address in cached_tokens for w in pool):
+        return pick(pool, model, rng), NO_VIEW
+    best_cached = max(cached_tokens.get(w.address, 0) for w in pool)
+    if best_cached == 0:
+        return pick(pool, model, rng), LOAD
+    costs = [(load_score(w) - cached_tokens.get(w.address, 0) / affinity_tokens, w) for w in pool]
+    lowest = min(c for c, _ in costs)
+    chosen = rng.choice([w for c, w in costs if c == lowest])
+    return chosen, CACHE if cached_tokens.get(chosen.address, 0) == best_cached else SPILL
+
+
 def models(workers: Iterable[WorkerState]) -> dict[str, int]:
     """Healthy model names mapped to their number of healthy workers (for ListModels), sorted by name."""
     counts = Counter(w.model for w in workers if w.is_healthy)

@@ -72,11 +72,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.loop_lag import LoopLag
 from common.metrics import TTFT_BUCKETS, RpcMetrics, serve_metrics, stop_metrics  # noqa: F401 - re-exported
+from router.balancer import REASONS
 
 INFERENCE_SERVICE = "llamagrid.v1.Inference"
 DECISION_OUTCOMES = ("allowed", "allowed_local", "limited", "concurrency_limited", "unavailable")
 AHEAD_OUTCOMES = ("kept", "cancelled")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "blocked")
+ROUTING_REASONS = REASONS
+ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 
 
 class RouterMetrics:
@@ -99,15 +102,29 @@ class RouterMetrics:
                                      registry=self.registry)
         self.completion_tokens = Counter("llamagrid_router_completion_tokens",
                                          "Completion tokens of finished jobs.", ["model"], registry=self.registry)
+        self.cached_prompt_tokens = Counter("llamagrid_router_cached_prompt_tokens", "Prompt tokens of finished jobs "
+                                            "their worker served from its prefix cache.", ["model"],
+                                            registry=self.registry)
+        self.predicted_cached_tokens = Counter("llamagrid_router_predicted_cached_tokens", "Prompt tokens the "
+                                               "router expected cached on the worker it chose (cache routing).",
+                                               ["model"], registry=self.registry)
+        routing = Counter("llamagrid_router_routing_decisions", "Worker choices by reason (router.balancer).",
+                          ["reason"], registry=self.registry)
+        self._routing = {r: routing.labels(r) for r in ROUTING_REASONS}
+        self.routing_seconds = Histogram("llamagrid_router_routing_decision_seconds", "Time to choose a worker for "
+                                         "a job, its prompt's tokenizing and hashing included.",
+                                         buckets=ROUTING_BUCKETS, registry=self.registry)
         self.registry.register(_StateCollector(pool, auth, limiter, background))
         self.loop_lag = LoopLag(self.registry, "llamagrid_router")
-        self._by_model: dict[str, tuple] = {}  # model -> (ttft, prompt tokens, completion tokens) children
+        self._by_model: dict[str, tuple] = {}  # model -> (ttft, prompt, completion, cached, predicted) children
 
     def _model(self, model: str) -> tuple:
         children = self._by_model.get(model)
         if children is None:  # (labels() takes a lock and builds its key on every call: looked up once per model)
             children = self._by_model[model] = (self.ttft.labels(model), self.prompt_tokens.labels(model),
-                                                self.completion_tokens.labels(model))
+                                                self.completion_tokens.labels(model),
+                                                self.cached_prompt_tokens.labels(model),
+                                                self.predicted_cached_tokens.labels(model))
         return children
 
     def ratelimit_decision(self, outcome: str) -> None:
@@ -123,9 +140,18 @@ class RouterMetrics:
 
     def usage(self, model: str, usage) -> None:
         """One finished job's llamagrid.v1.Usage, as its worker reported it."""
-        _, prompt, completion = self._model(model)
+        _, prompt, completion, cached, _ = self._model(model)
         prompt.inc(usage.prompt_tokens)
         completion.inc(usage.completion_tokens)
+        cached.inc(usage.cached_prompt_tokens)
+
+    def routing_decision(self, reason: str, predicted_cached_tokens: int, model: str) -> None:
+        self._routing[reason].inc()
+        if predicted_cached_tokens:
+            self._model(model)[4].inc(predicted_cached_tokens)
+
+    def routing_time(self, seconds: float) -> None:
+        self.routing_seconds.observe(seconds)
 
 
 def _snapshot(pool) -> list:

@@ -20,6 +20,7 @@ from router.config import RouterConfig
 from router.errors import NoHealthyWorker, WorkerLost, public_error
 from router.fanout import Fanout, LagWatch, Single, merged
 from router.metrics import RouterMetrics
+from router.prompt_blocks import PromptBlocks
 from router.worker_pool import WorkerPool
 
 log = structlog.get_logger("router.server")
@@ -77,6 +78,7 @@ class _Failover:
     failures: int = 0
     streamed: list[int] = field(default_factory=list)
     wait_until: float | None = None
+    prompt: PromptBlocks | None = None  # its blocks, for cache-aware picks (read once, at the first pick)
 
 
 class FollowUps:
@@ -252,10 +254,27 @@ class Relay:
 
     def pick_now(self, state: _Failover, prefer: str | None) -> str:
         """A healthy worker for a job's first call (no waiting: nothing failed yet)."""
-        picked = self.pool.pick(state.job.model, prefer=prefer)
+        started = time.perf_counter()
+        if prefer is None and self.pool.cache_routing:
+            state.prompt = self._prompt(state.job)
+        picked = self.pool.pick(state.job.model, prefer=prefer, prompt=state.prompt)
         if picked is None:
             raise NoHealthyWorker("no healthy worker for the model")
+        if self.metrics is not None:
+            self.metrics.routing_time(time.perf_counter() - started)
         return picked[0].address
+
+    def _prompt(self, job: wpb.Job) -> PromptBlocks | None:
+        """The job's prompt blocks: a text prompt tokenized as its workers will; a Chat turn by the session's
+        transcript so far (its cached part: the turn's new messages follow it)."""
+        kind = job.WhichOneof("prompt")
+        if kind == "text":
+            return self.pool.prompt_blocks(job.model, job.text)
+        if kind == "token_ids":
+            return self.pool.prompt_blocks_of_ids(job.model, job.token_ids.ids)
+        if job.history_token_ids:
+            return self.pool.prompt_blocks_of_ids(job.model, [*job.history_token_ids, 0])
+        return None
 
     def _call(self, target: str, job: wpb.Job, context, follow_ups: FollowUps | None):
         stub = self.pool.stub(target)
@@ -269,7 +288,9 @@ class Relay:
         while True:
             now = time.monotonic()
             excluded = frozenset(a for a, t in state.failed.items() if now - t < FAILED_EXCLUDE_S)
-            picked = self.pool.pick(state.job.model, excluded, prefer=prefer)
+            if state.prompt is None and self.pool.cache_routing and (prefer is None or prefer in excluded):
+                state.prompt = self._prompt(state.job)  # (a moved Chat session: where its transcript is cached)
+            picked = self.pool.pick(state.job.model, excluded, prefer=prefer, prompt=state.prompt)
             if picked is not None:
                 return picked[0].address
             if not state.failures:

@@ -75,6 +75,8 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
     if pool is None:
         pool = WorkerPool(from_spec(config.workers, config.discovery_interval_s))
     pool.metadata = token_metadata(config.internal_token)
+    pool.cache_routing = config.routing == "cache"
+    pool.affinity_tokens = config.cache_affinity_tokens
     await pool.start()
     last_known = (LastKnownKeys(config.auth_stale_s)
                   if config.failure_policy is FailurePolicy.FAIL_OPEN and config.auth_stale_s > 0 else None)
@@ -82,6 +84,7 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
                          last_known=last_known)
     background = Background()
     metrics = RouterMetrics(pool, auth, limiter, background)
+    pool.on_decision = metrics.routing_decision
     admission = Admission(config, auth, limiter, TierSource(config.tiers_path, config.tier_check_interval_s), pool,
                           metrics, KeySlots(num_routers=peers.count), background)
     relay = Relay(config, pool, metrics, background)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -16,7 +17,9 @@ from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from router import balancer
 from router.balancer import WorkerState
+from router.cache_view import CacheView
 from router.discovery import Discovery
+from router.prompt_blocks import PromptBlocks, PromptEncoder
 
 log = structlog.get_logger("router.worker_pool")
 
@@ -30,6 +33,8 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+# A worker that does not publish its cache (prefix caching off, or an older worker) is asked again this often.
+NO_CACHE_EVENTS_RETRY_S = 30.0
 
 
 @dataclass(eq=False)
@@ -44,6 +49,8 @@ class _Worker:
     in_flight: int = 0
     lease_tokens: int = 0
     tasks: list[asyncio.Task] = field(default_factory=list)
+    view: CacheView = field(default_factory=CacheView)
+    tokenizer: str = ""  # PromptEncoder.fingerprint of the worker's tokenizer, once read
 
 
 class Lease:
@@ -95,6 +102,13 @@ class WorkerPool:
         self._jitter = random.Random()
         self._workers: dict[str, _Worker] = {}
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent on every worker call (the internal token)
+        # cache-aware routing (set before start): follow every worker's CacheEvents and weigh cached tokens against
+        # load, `affinity_tokens` cached tokens against one more request (balancer.pick_cached)
+        self.cache_routing = False
+        self.affinity_tokens = 256
+        # (reason, predicted cached tokens, model) of each routing decision, for metrics
+        self.on_decision: Callable[[str, int, str], None] | None = None
+        self._encoders: dict[str, PromptEncoder] = {}  # model -> the encoder of its workers' tokenizer
         self._refresh_task: asyncio.Task | None = None
 
     # ---- lifecycle
@@ -148,18 +162,59 @@ class WorkerPool:
         return [self._state(self._workers[a], now) for a in sorted(self._workers)]
 
     def pick(self, model: str, exclude: frozenset[str] = frozenset(), prefer: str | None = None,
-             ) -> tuple[WorkerState, grpc.aio.Channel] | None:
+             prompt: PromptBlocks | None = None) -> tuple[WorkerState, grpc.aio.Channel] | None:
         """Choose a healthy worker for `model`, with its channel; None if none fits. `prefer` (a Chat session's
-        worker, which holds its KV cache) wins while it is healthy and not excluded; otherwise power of two choices."""
+        worker, which holds its KV cache) wins while it is healthy and not excluded. Otherwise, with `prompt` (its
+        blocks: prompt_blocks) and cache routing on, expected cached tokens against load (balancer.pick_cached);
+        else power of two choices."""
         states = self.snapshot()
         if prefer is not None and prefer not in exclude:
             for state in states:
                 if state.address == prefer and state.is_healthy and state.model == model:
+                    self._decided(balancer.STICKY, 0, model)
                     return state, self._workers[prefer].channel
-        chosen = balancer.pick(states, model, self._rng, exclude)
+        if prompt is None or not self.cache_routing:
+            chosen = balancer.pick(states, model, self._rng, exclude)
+            reason, predicted = balancer.LOAD, 0
+        else:
+            cached = self.cached_tokens(model, prompt)
+            chosen, reason = balancer.pick_cached(states, model, self._rng, cached, self.affinity_tokens, exclude)
+            predicted = cached.get(chosen.address, 0) if chosen is not None else 0
         if chosen is None:
             return None
+        self._decided(reason, predicted, model)
         return chosen, self._workers[chosen.address].channel
+
+    def prompt_blocks(self, model: str, text: str) -> PromptBlocks | None:
+        """A text prompt's blocks as the workers of `model` name them; None without cache routing or before a
+        worker of the model told its tokenizer."""
+        if not self.cache_routing:
+            return None
+        encoder = self._encoders.get(model)
+        return encoder.blocks(text) if encoder is not None else None
+
+    def prompt_blocks_of_ids(self, model: str, token_ids) -> PromptBlocks | None:
+        """The same for a prompt given as token ids (a Chat session's transcript)."""
+        if not self.cache_routing:
+            return None
+        encoder = self._encoders.get(model)
+        return encoder.blocks_of_ids(token_ids) if encoder is not None else None
+
+    def cached_tokens(self, model: str, prompt: PromptBlocks) -> dict[str, int]:
+        """address -> prompt tokens cached there, for the workers of `model` whose cache is known and whose
+        tokenizer and block size are the prompt's (a match then means the same tokens)."""
+        encoder = self._encoders.get(model)
+        out = {}
+        for w in self._workers.values():
+            view = w.view
+            if (view.live and view.block_size == prompt.block_size and encoder is not None
+                    and w.tokenizer == encoder.fingerprint):
+                out[w.address] = view.matched_blocks(prompt.keys) * prompt.block_size
+        return out
+
+    def _decided(self, reason: str, predicted: int, model: str) -> None:
+        if self.on_decision is not None:
+            self.on_decision(reason, predicted, model)
 
     def models(self) -> dict[str, int]:
         """Healthy model names mapped to their number of healthy workers, sorted by name."""
@@ -221,6 +276,8 @@ class WorkerPool:
         w = _Worker(address, channel, wpb_grpc.WorkerStub(channel))
         w.tasks = [asyncio.create_task(self._watch(w), name=f"health-{address}"),
                    asyncio.create_task(self._poll_load(w), name=f"load-{address}")]
+        if self.cache_routing:
+            w.tasks.append(asyncio.create_task(self._follow_cache(w), name=f"cache-{address}"))
         self._workers[address] = w
         log.info("worker_added", address=address)
 
@@ -229,12 +286,15 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*w.tasks, return_exceptions=True)
         w.serving = False
+        w.view.clear()
         await w.channel.close()
 
     def _set_serving(self, w: _Worker, serving: bool, reason: str) -> None:
         if serving != w.serving:
             log.info("worker_healthy" if serving else "worker_unhealthy", address=w.address, reason=reason)
         w.serving = serving
+        if not serving:
+            w.view.clear()  # (its event stream ends too, but a restarted worker may answer before that is seen)
 
     async def _fetch(self, w: _Worker) -> None:
         """Info and a first Load, before a worker counts as healthy."""
@@ -285,3 +345,46 @@ class WorkerPool:
                 log.debug("load_failed", address=w.address, code=exc.code().name)
                 continue
             w.load, w.load_at = load, time.monotonic()
+
+    async def _follow_cache(self, w: _Worker) -> None:
+        """Keep w.view exact: read the worker's tokenizer, then follow its CacheEvents stream. The view is cleared
+        the moment the stream ends (a restarted worker starts empty, and its new stream's snapshot says so)."""
+        backoff = BACKOFF_INITIAL_S
+        while True:
+            while not (w.serving and w.info is not None):
+                await asyncio.sleep(0.05)
+            call = None
+            try:
+                await self._read_tokenizer(w)
+                call = w.stub.CacheEvents(wpb.CacheEventsRequest(), metadata=self.metadata)
+                async for event in call:
+                    w.view.apply(event)
+                    backoff = BACKOFF_INITIAL_S
+                delay = backoff
+            except grpc.aio.AioRpcError as exc:
+                unsupported = exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)
+                log.info("worker_cache_events_ended", address=w.address, code=exc.code().name)
+                delay = NO_CACHE_EVENTS_RETRY_S if unsupported else backoff
+            finally:
+                w.view.clear()
+                if call is not None:
+                    call.cancel()
+            await asyncio.sleep(delay * (0.5 + self._jitter.random()))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _read_tokenizer(self, w: _Worker) -> None:
+        resp = await w.stub.Tokenizer(wpb.TokenizerRequest(), timeout=self.health_timeout_s, metadata=self.metadata)
+        model = w.info.model
+        encoder = self._encoders.get(model)
+        fingerprint = PromptEncoder.fingerprint_of(resp.tokenizer_json)
+        if encoder is None or (encoder.fingerprint != fingerprint and not self._model_has_tokenizer(model,
+                                                                                                    encoder, w)):
+            encoder = self._encoders[model] = PromptEncoder(resp.tokenizer_json, resp.block_size)
+        if encoder.fingerprint != fingerprint:
+            log.warning("worker_tokenizer_differs", address=w.address, model=model)
+        w.tokenizer = fingerprint
+
+    def _model_has_tokenizer(self, model: str, encoder: PromptEncoder, other: _Worker) -> bool:
+        """Whether another live worker of `model` still uses `encoder`'s tokenizer (else a new one replaces it)."""
+        return any(w is not other and w.info is not None and w.info.model == model
+                   and w.tokenizer == encoder.fingerprint for w in self._workers.values())
