@@ -186,12 +186,18 @@ class WorkerPool:
         return chosen, self._workers[chosen.address].channel
 
     def prompt_blocks(self, model: str, text: str) -> PromptBlocks | None:
-        """A text prompt's blocks as the workers of `model` name them; None without cache routing or before a
-        worker of the model told its tokenizer."""
+        """A text prompt's blocks as the workers of `model` name them, read only as far as some worker holds
+        them; None without cache routing or when no worker of the model has a known cache."""
         if not self.cache_routing:
             return None
         encoder = self._encoders.get(model)
-        return encoder.blocks(text) if encoder is not None else None
+        if encoder is None:
+            return None
+        held = [w.view.keys for w in self._workers.values()
+                if w.view.live and w.tokenizer == encoder.fingerprint and w.view.block_size == encoder.block_size]
+        if not held:
+            return None
+        return encoder.blocks(text, lambda key: any(key in keys for keys in held))
 
     def prompt_blocks_of_ids(self, model: str, token_ids) -> PromptBlocks | None:
         """The same for a prompt given as token ids (a Chat session's transcript)."""

@@ -49,8 +49,27 @@ def test_prompt_blocks_are_the_workers_blocks(tiny_model_dir):
     blocks = encoder.blocks(text)
     assert blocks.num_tokens == len(ids) and blocks.block_size == 16
     assert list(blocks.keys) == prompt_block_keys(ids, 16) and len(blocks.keys) == (len(ids) - 1) // 16
-    assert encoder.blocks(text) is blocks  # the same prompt again: kept
+    assert encoder.chunked
     assert encoder.blocks(text + " Why?").keys[: len(blocks.keys) - 1] == blocks.keys[:-1]
+
+
+def test_prompts_cut_in_pieces_tokenize_as_a_whole(tiny_model_dir):
+    """Shared prefixes with varied suffixes, odd spacing and characters outside the vocabulary: the pieces' ids (and
+    the blocks kept from earlier prompts) are exactly the whole text's."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    encoder = PromptEncoder(hf.backend_tokenizer.to_str(), 16)
+    rng = random.Random(4)
+    words = ["the", "cat", "sat", "on", "mat.", "Über", "東京", "x=1;", "\n", "😀", "a"]
+    seps = [" ", " ", " ", "  ", "\n", "\t", " \n "]
+    prefixes = ["".join(rng.choice(words) + rng.choice(seps) for _ in range(300)) for _ in range(3)]
+    for n in range(30):
+        suffix = "".join(rng.choice(seps) + rng.choice(words) for _ in range(rng.randrange(0, 40)))
+        text = rng.choice(prefixes) + suffix if n % 5 else suffix
+        ids = list(hf(text, add_special_tokens=True)["input_ids"])
+        blocks = encoder.blocks(text)
+        assert blocks.num_tokens == len(ids) and list(blocks.keys) == prompt_block_keys(ids, 16), n
 
 
 def test_cached_tokens_win_until_load_outweighs_them():
@@ -103,3 +122,18 @@ def test_ties_are_broken_at_random_among_equals(affinity):
     seen = Counter(pick_cached(workers, MODEL, rng, {"a": 512, "b": 512, "c": 0}, affinity)[0].address
                    for _ in range(200))
     assert set(seen) == {"a", "b"} and min(seen.values()) > 50
+
+
+def test_a_prompt_nobody_holds_is_read_one_piece_only(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    encoder = PromptEncoder(hf.backend_tokenizer.to_str(), 16)
+    text = "one two three four five six seven eight nine ten. " * 40
+    whole = encoder.blocks(text)
+    fresh = PromptEncoder(hf.backend_tokenizer.to_str(), 16)
+    first = fresh.blocks(text, held=lambda key: False)
+    assert 0 < first.num_tokens < whole.num_tokens and whole.keys[: len(first.keys)] == first.keys
+    some = set(whole.keys[:20])
+    partial = fresh.blocks(text, held=some.__contains__)
+    assert whole.keys[:20] == partial.keys[:20] and len(partial.keys) < len(whole.keys)
