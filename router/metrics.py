@@ -47,6 +47,16 @@ llamagrid_router_workers                      gauge      model, healthy  discove
                                                                          worker answered Info) and health
                                                                          ("true"/"false")
 llamagrid_router_workers_discovered           gauge      -               discovered workers (the pool size)
+llamagrid_router_worker_cached_blocks         gauge      worker          blocks in a worker's prefix cache as its
+                                                                         CacheEvents stream tells (absent while unknown)
+llamagrid_router_routing_decisions_total      counter    reason          worker choices: cache, spill, load, no_view,
+                                                                         sticky (router.balancer)
+llamagrid_router_routing_decision_seconds     histogram  -               time to choose a worker, the prompt's
+                                                                         tokenizing and hashing included
+llamagrid_router_predicted_cached_tokens_total counter   model           prompt tokens expected cached on the worker
+                                                                         chosen (cache routing)
+llamagrid_router_cached_prompt_tokens_total   counter    model           prompt tokens workers served from their prefix
+                                                                         cache (Usage.cached_prompt_tokens)
 llamagrid_router_event_loop_lag_seconds       histogram  -               how late the router's event loop ran a timer
                                                                          due every 50 ms: the wait of every new call
                                                                          and relayed message at that moment
@@ -164,6 +174,15 @@ def _snapshot(pool) -> list:
     return []
 
 
+def _cached_blocks(pool) -> list[tuple[str, int]]:
+    for _ in range(3):
+        try:
+            return pool.cached_blocks()
+        except (RuntimeError, KeyError):
+            continue
+    return []
+
+
 class _StateCollector:
     """Counters the router's components already keep (LimiterCounters, Authenticator) and the pool's view."""
 
@@ -221,3 +240,9 @@ class _StateCollector:
                 workers.add_metric([model, healthy], n)
             yield workers
             yield GaugeMetricFamily("llamagrid_router_workers_discovered", "Discovered workers.", value=len(states))
+            blocks = GaugeMetricFamily("llamagrid_router_worker_cached_blocks", "Blocks in each worker's prefix "
+                                       "cache as its CacheEvents stream tells (absent while unknown).",
+                                       labels=["worker"])
+            for address, count in _cached_blocks(self.pool):
+                blocks.add_metric([address], count)
+            yield blocks

@@ -218,6 +218,10 @@ class WorkerPool:
                 out[w.address] = view.matched_blocks(prompt.keys) * prompt.block_size
         return out
 
+    def cached_blocks(self) -> list[tuple[str, int]]:
+        """(address, blocks cached) of each worker whose cache is known, sorted by address."""
+        return sorted((w.address, len(w.view.keys)) for w in list(self._workers.values()) if w.view.live)
+
     def _decided(self, reason: str, predicted: int, model: str) -> None:
         if self.on_decision is not None:
             self.on_decision(reason, predicted, model)
