@@ -59,6 +59,16 @@ class EngineUnavailable(ServiceError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(ServiceError):
+    """The server is not in a state to do this (e.g. a feature it runs without)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DuplicateRequest(ServiceError):
     status = grpc.StatusCode.ALREADY_EXISTS
 

@@ -25,6 +25,7 @@ import structlog
 import torch
 
 from common.errors import EngineUnavailable, ServiceError
+from worker.cache_events import CacheEventHub, Subscriber
 from worker.detokenizer import TextStream, TokenDecoder
 from worker.faults import NO_FAULTS, FaultPlan, exit_for_oom
 from worker.finish import finish_reason
@@ -118,6 +119,7 @@ class Engine:
         self._num_good_steps = 0  # good steps since the limits last changed
         self._load = LoadSnapshot(0, 0, scheduler.block_manager.num_free_blocks,
                                   scheduler.block_manager.num_blocks, 0)
+        self.cache_events = CacheEventHub(scheduler.block_manager.block_size)
 
     # --- called from any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -138,6 +140,11 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request (no-op if it already finished); it ends with a CANCELLED finish event."""
         self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def subscribe_cache(self, subscriber: Subscriber) -> None:
+        """Follow the prefix cache: its snapshot, then each step's changes, reach `subscriber` (cache_events)."""
+        self._inbox.put(("subscribe", subscriber))
         self._wakeup.set()
 
     @property
@@ -203,6 +210,10 @@ class Engine:
                 return
             if kind == "abort":
                 self._abort(item)
+                continue
+            if kind == "subscribe":
+                self._publish_cache()  # (the changes so far go to the others; the snapshot holds them already)
+                self.cache_events.add(item, self.scheduler.block_manager.cached_block_keys())
                 continue
             try:
                 self._add(item)
@@ -326,7 +337,12 @@ class Engine:
             self._deliver(active)
         self._active.clear()
 
+    def _publish_cache(self) -> None:
+        stored, evicted = self.scheduler.block_manager.drain_cache_events()
+        self.cache_events.publish(stored, evicted)
+
     def _publish_load(self) -> None:
+        self._publish_cache()
         bm = self.scheduler.block_manager
         pending = sum(
             a.seq.num_tokens - a.seq.num_computed_tokens + a.seq.params.max_new_tokens - a.seq.num_output_tokens

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from common.block_hash import BlockHash, cacheable_blocks, hash_block
+from common.block_hash import BlockHash, block_key, cacheable_blocks, hash_block
 from worker.sequence import Sequence
 
 __all__ = ["NO_PREFIX", "BlockHash", "BlockManager", "CachedPrefix", "hash_block"]
@@ -18,6 +18,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None  # set once the block is full of computed tokens and registered
+    key: int = 0  # block_key(block_hash): its name in cache events
 
 
 class CachedPrefix(NamedTuple):
@@ -47,6 +48,9 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._cached: dict[BlockHash, int] = {}  # hash -> block id
         self._seq_hashes: dict[Sequence, list[BlockHash]] = {}  # chain of each seq's registered blocks
+        # cache events: the keys cached now, and for each key changed since the last drain whether it was cached then
+        self._keys: set[int] = set()
+        self._changed: dict[int, bool] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -123,7 +127,9 @@ class BlockManager:
             assert block.block_hash is None and block.ref_count == 1, f"block {block.block_id} is shared"
             if block_hash not in self._cached:
                 block.block_hash = block_hash
+                block.key = block_key(block_hash)
                 self._cached[block_hash] = block.block_id
+                self._note(block.key, True)
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks (finish, abort or preemption) and clear its block table; idempotent.
@@ -143,8 +149,35 @@ class BlockManager:
         seq.block_table = []
         self._seq_hashes.pop(seq, None)
 
+    def cached_block_keys(self) -> list[int]:
+        """The key of every cached block (a CacheEvents snapshot)."""
+        return list(self._keys)
+
+    def drain_cache_events(self) -> tuple[list[int], list[int]]:
+        """(stored, evicted) keys since the last drain, netted against the cache then: a key cached then and now
+        (evicted and stored again) is in neither, one stored and evicted in between too. The lists are disjoint, so
+        applying them in any order to the cache as it was at the last drain gives the cache now."""
+        changed, self._changed = self._changed, {}
+        stored, evicted = [], []
+        for key, was in changed.items():
+            now = key in self._keys
+            if now and not was:
+                stored.append(key)
+            elif was and not now:
+                evicted.append(key)
+        return stored, evicted
+
+    def _note(self, key: int, cached: bool) -> None:
+        self._changed.setdefault(key, key in self._keys)
+        if cached:
+            self._keys.add(key)
+        else:
+            self._keys.discard(key)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (after warm-up, or when weights change); blocks in use stay allocated."""
+        for key in list(self._keys):
+            self._note(key, False)
         for block in self.blocks:
             block.block_hash = None
         self._free.extend(self._evictable)
@@ -165,6 +198,7 @@ class BlockManager:
             else:
                 assert block.ref_count > 0, f"block {block.block_id} leaked"
         assert len(self._cached) == sum(1 for b in self.blocks if b.block_hash is not None)
+        assert self._keys == {block_key(h) for h in self._cached}, "cache-event keys out of step"
         if seqs is not None:
             seqs = list(seqs)
             refs = Counter(block_id for seq in seqs for block_id in seq.block_table)
@@ -190,5 +224,6 @@ class BlockManager:
             block = self.blocks[block_id]
             del self._cached[block.block_hash]
             block.block_hash = None
+            self._note(block.key, False)
         block.ref_count = 1
         return block.block_id

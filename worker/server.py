@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from common.errors import InvalidRequest, handle_errors, handle_stream_errors
+from common.errors import FailedPrecondition, InvalidRequest, ResourceExhausted, handle_errors, handle_stream_errors
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
+from worker.cache_events import Overflowed, Subscriber
 from worker.chat_template import ChatMessage
 from worker.engine import FinishEvent, LoadSnapshot, TokenEvent
 from worker.service import Job, WorkerInfo, WorkerService
@@ -143,6 +144,30 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
     @handle_errors
     async def Load(self, request, context) -> wpb.LoadResponse:
         return load_pb(self.service.engine.load)
+
+    @handle_stream_errors
+    async def CacheEvents(self, request, context) -> AsyncIterator[wpb.CacheEvent]:
+        engine = self.service.engine
+        if not engine.scheduler.block_manager.enable_prefix_caching:
+            raise FailedPrecondition("this worker runs without prefix caching: it has no cache to publish")
+        hub = engine.cache_events
+        subscriber = Subscriber(asyncio.get_running_loop())
+        engine.subscribe_cache(subscriber)
+        try:
+            while True:
+                try:
+                    batch = await subscriber.next()
+                except Overflowed:
+                    raise ResourceExhausted("cache events: the reader fell behind; subscribe again") from None
+                yield wpb.CacheEvent(epoch=hub.epoch, snapshot=batch.snapshot, stored=batch.stored,
+                                     evicted=batch.evicted, block_size=hub.block_size)
+        finally:
+            subscriber.closed = True
+
+    @handle_errors
+    async def Tokenizer(self, request, context) -> wpb.TokenizerResponse:
+        return wpb.TokenizerResponse(tokenizer_json=self.service.tokenizer_json,
+                                     block_size=self.service.engine.cache_events.block_size)
 
     @handle_errors
     async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:

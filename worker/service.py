@@ -6,6 +6,7 @@ No protobuf here: worker.server reads the Worker API's messages into these types
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class WorkerService:
         return len(self._in_flight)
 
     # --- building jobs ------------------------------------------------------------------------
+    @functools.cached_property
+    def tokenizer_json(self) -> str:
+        """The tokenizer that encodes text prompts, as `tokenizers` serializes it (Worker.Tokenizer)."""
+        return self.tokenizer.hf.backend_tokenizer.to_str()
+
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
             raise ModelNotFound(f"model {model!r} is not served here; this worker serves {self.model_name!r}")

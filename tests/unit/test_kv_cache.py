@@ -179,3 +179,71 @@ def test_reset_prefix_cache_forgets_free_and_used_blocks():
     bm.free(b)
     bm.check_invariants([])
     assert bm.num_free_blocks == 8
+
+
+# ---- cache events (Worker.CacheEvents)
+
+
+def _apply(view: set[int], events: tuple[list[int], list[int]]) -> set[int]:
+    stored, evicted = events
+    assert not set(stored) & set(evicted), "a batch's lists are disjoint"
+    return (view - set(evicted)) | set(stored)
+
+
+def test_cache_events_name_the_workers_blocks_and_follow_eviction():
+    from common.block_hash import prompt_block_keys
+
+    bm = BlockManager(4, BS)
+    a = seq_of(range(9), "a")  # two full blocks registered, the third partial
+    admit(bm, a)
+    stored, evicted = bm.drain_cache_events()
+    assert stored == prompt_block_keys(list(range(9)), BS) and evicted == []
+    assert bm.drain_cache_events() == ([], [])
+    bm.free(a)
+    b = seq_of(range(100, 116), "b")  # needs all 4 blocks: a's two cached ones are evicted (reused)
+    admit(bm, b)
+    stored, evicted = bm.drain_cache_events()
+    assert sorted(evicted) == sorted(prompt_block_keys(list(range(9)), BS))
+    assert stored == prompt_block_keys(list(range(100, 117)), BS)  # every full computed block, the 4th included
+    assert set(bm.cached_block_keys()) == set(stored)
+    bm.check_invariants([b])
+
+
+def test_cache_events_are_netted_per_drain_and_replay_to_the_true_cache():
+    bm = BlockManager(3, BS)
+    view: set[int] = set()
+    a = seq_of(range(5), "a")
+    admit(bm, a)
+    bm.free(a)
+    view = _apply(view, bm.drain_cache_events())
+    assert view == set(bm.cached_block_keys()) and len(view) == 1
+    # within one drain: a's block evicted by b, then b's evicted by a again: the view was right all along
+    b = seq_of(range(50, 59), "b")
+    admit(bm, b)
+    bm.free(b)
+    again = seq_of(range(5), "a2")
+    admit(bm, again)
+    events = bm.drain_cache_events()
+    view = _apply(view, events)
+    assert view == set(bm.cached_block_keys())
+    # stored and evicted within one drain, never cached before: in neither list
+    bm.free(again)
+    c = seq_of(range(70, 75), "c")
+    admit(bm, c)
+    bm.free(c)
+    d = seq_of(range(80, 89), "d")
+    admit(bm, d)
+    events = bm.drain_cache_events()
+    assert hash_block(None, list(range(70, 74)))[:8] not in {k.to_bytes(8, "big") for k in events[0] + events[1]}
+    assert _apply(view, events) == set(bm.cached_block_keys())
+
+
+def test_reset_evicts_every_key_and_no_caching_means_no_events():
+    bm = BlockManager(4, BS)
+    admit(bm, seq_of(range(9)))
+    keys = set(bm.drain_cache_events()[0])
+    bm.reset_prefix_cache()
+    assert bm.drain_cache_events() == ([], sorted(keys)) or set(bm.drain_cache_events()[1]) == keys
+    off = BlockManager(4, BS, enable_prefix_caching=False)
+    admit(off, seq_of(range(9)))
+    assert off.drain_cache_events() == ([], []) and off.cached_block_keys() == []
