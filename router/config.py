@@ -55,8 +55,8 @@ class RouterConfig:
     # (router.prefix_routing); "load": power of two choices on load only
     routing: str = "cache"
     # the one knob of cache-aware routing: this many cached prompt tokens outweigh one more request outstanding
-    # on a worker (smaller: load counts for more; larger: affinity does)
-    cache_affinity_tokens: int = 256
+    # on a worker (smaller: affinity counts for more; larger: load does). 128 by bench/prefix_routing.py on CPU
+    cache_affinity_tokens: int = 128
     dispatch_ahead: bool = True  # start a verified key's job while its admission is in flight (router.ahead)
     max_request_chars: int = 200_000  # characters of text in one call (all inputs, or a turn's messages) at most
     chat_max_age_s: float = 3600.0  # a Chat session ends (UNAVAILABLE) once this old, after its current turn

@@ -105,7 +105,7 @@ class WorkerPool:
         # cache-aware routing (set before start): follow every worker's CacheEvents and weigh cached tokens against
         # load, `affinity_tokens` cached tokens against one more request (balancer.pick_cached)
         self.cache_routing = False
-        self.affinity_tokens = 256
+        self.affinity_tokens = 128
         # (reason, predicted cached tokens, model) of each routing decision, for metrics
         self.on_decision: Callable[[str, int, str], None] | None = None
         self._encoders: dict[str, PromptEncoder] = {}  # model -> the encoder of its workers' tokenizer
