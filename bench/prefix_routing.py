@@ -14,11 +14,11 @@ arrival times:
 - skewed: the same, with one prefix 80% of the requests.
 
 The arrival rate is what the load-only router sustains (calibrated at the start: a closed loop of 2N streams on
-load-only routing, times --load), unless --rate is given. Printed per configuration: TTFT p50/p90/p99 and the cache
-hit rate of that open-loop run, output tokens/s of 4N back-to-back streams on the same requests right after it (the
-cluster's capacity under that routing), the hit rate (cached / prompt tokens, from each reply's usage), each worker's share of the prefill
-tokens computed (prompt - cached, from the routers' request_finished lines) and the busiest one's against the mean;
-then the ratios the acceptance is judged on (issue 16).
+load-only routing, times --load), unless --rate is given. Printed per configuration, of that open-loop run: TTFT
+p50/p90/p99, the cache hit rate (cached / prompt tokens, from each reply's usage), each worker's share of the
+prefill tokens computed (prompt - cached, from the routers' request_finished lines) and the busiest one's against
+the mean; and output tokens/s of 4N back-to-back streams on the same requests right after it (the cluster's
+capacity under that routing). Then the ratios the acceptance is judged on (issue 16).
 """
 
 from __future__ import annotations
