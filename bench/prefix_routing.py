@@ -55,6 +55,8 @@ SUFFIX_WORDS = (8, 20)
 MAX_NEW_TOKENS = 16
 KV_TOKENS = 6144  # per worker: about 4 prefixes, with the running requests' blocks
 MODES = ("load", "cache", "cache x2")
+WORKER_ARGS = ("--num-threads", "1", "--kv-cache-tokens", str(KV_TOKENS), "--max-num-seqs", "16",
+               "--max-num-batched-tokens", "2048")
 
 
 # ---- workload (pure)
@@ -132,9 +134,18 @@ def verdict(figures: dict) -> list[tuple[str, bool, str]]:
         out.append(("skewed: TTFT p90 cache/load", ratio <= 1.0, f"{cache['ttft_ms_p90']:.0f} / "
                                                                  f"{load['ttft_ms_p90']:.0f} ms = {ratio:.2f}x "
                                                                  "(target <= 1.0x)"))
-    for name, summaries in figures.items():
-        errors = sum(s["errors"] for s in summaries.values())
-        out.append((f"{name}: errors", errors == 0, f"{errors}"))
+    kill = figures.get("kill")
+    if kill:
+        cleared, thirds = kill["view_cleared_after_s"], kill["hit_rate_thirds"]
+        out.append(("kill: no request lost", kill["errors"] == 0, f"{kill['errors']} failed"))
+        out.append(("kill: the killed worker's view dropped within 1 s", cleared is not None and cleared <= 1.0,
+                    "never" if cleared is None else f"{cleared:.2f} s"))
+        out.append(("kill: hit rate recovers (last third >= 0.8x the first)", thirds[2] >= 0.8 * thirds[0],
+                    " ".join(f"{h:.2f}" for h in thirds)))
+    for name in ("shared", "skewed"):
+        if name in figures:
+            errors = sum(s["errors"] for s in figures[name].values())
+            out.append((f"{name}: errors", errors == 0, f"{errors}"))
     return out
 
 
@@ -162,16 +173,18 @@ class Cluster:
         self.tiers = write_tiers(self.tmp / "tiers.toml")
         self.key = asyncio.run(create_key(self.redis.url))
 
-    def start(self, mode: str, tag: str) -> None:
-        """Fresh workers (cold caches) and the mode's router(s)."""
+    def start(self, mode: str, tag: str, supervised: bool = False) -> None:
+        """Fresh workers (cold caches) and the mode's router(s). `supervised`: each worker under its supervisor,
+        which restarts it on the same port when it dies."""
         from concurrent.futures import ThreadPoolExecutor
 
         from worker.launch import start_worker
 
         def one(i: int):
             with open(self.tmp / f"{tag}-worker{i}.log", "w") as log:
-                return start_worker(self.model_dir, "--num-threads", "1", "--kv-cache-tokens", str(KV_TOKENS),
-                                    "--max-num-seqs", "16", "--max-num-batched-tokens", "2048", stderr=log)
+                if supervised:
+                    return Supervised.start(self.model_dir, self.tmp / f"{tag}-worker{i}", WORKER_ARGS, log)
+                return start_worker(self.model_dir, *WORKER_ARGS, stderr=log)
 
         with ThreadPoolExecutor(self.num_workers) as ex:
             self.workers = list(ex.map(one, range(self.num_workers)))
@@ -192,15 +205,7 @@ class Cluster:
             self.router_logs.append(log_path)
 
     def finished_lines(self) -> list[dict]:
-        out = []
-        for path in self.router_logs:
-            for line in path.read_text(errors="replace").splitlines():
-                if '"request_finished"' in line:
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        continue
-        return out
+        return [e for path in self.router_logs for e in _events(path) if e.get("event") == "request_finished"]
 
     def stop_mode(self) -> None:
         for proc in self.routers:
@@ -219,6 +224,53 @@ class Cluster:
         self.stop_mode()
         if self.redis is not None:
             self.redis.close()
+
+
+@dataclass
+class Supervised:
+    """`python -m worker.supervisor -- <worker args>`: the replica a worker SIGKILL leaves running (restarted)."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(cls, model_dir: Path, base: Path, worker_args, log) -> Supervised:
+        base.mkdir(parents=True, exist_ok=True)
+        port_file = base / "port"
+        proc = subprocess.Popen([sys.executable, "-m", "worker.supervisor", "--port-file", str(port_file),
+                                 "--backoff-initial", "0.2", "--", "--model", str(model_dir), "--port", "0",
+                                 *worker_args], cwd=ROOT, stderr=log, env={**os.environ, "TMPDIR": str(base)})
+        return cls(proc, _wait_port(proc, port_file, Path(log.name)), Path(log.name))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rank_pid(self) -> int:
+        """The running worker process (the supervisor's last group_started)."""
+        pids = [e["pids"][0] for e in _events(self.log_path) if e.get("event") == "group_started"]
+        return pids[-1]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _events(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 # ---- load
@@ -298,6 +350,60 @@ async def run_closed(address: str, key: str, texts: list[str], streams: int, sec
     return done / (time.perf_counter() - t0)
 
 
+def run_kill(args, corpus: list[str], model: Path, tmp: Path, rate: float) -> dict:
+    """Two supervised workers, cache routing, the shared workload; half-way through, worker 0's process is
+    SIGKILLed (its supervisor restarts it on the same port). No request may fail (they fail over); the router's
+    view of the killed worker must go at once, and the hit rate come back."""
+    cluster = Cluster(model, tmp, 2)
+    try:
+        cluster.start_redis()
+        cluster.start("cache", "kill", supervised=True)
+        address = f"127.0.0.1:{cluster.router_ports[0]}"
+        asyncio.run(_wait_routable(address, cluster.key, 2))
+        time.sleep(0.5)  # (the workers' snapshots reach the router right after it sees them)
+        requests = make_workload(8, args.requests, rate, args.seed, None, corpus)
+        kill_at = requests[len(requests) // 2].at_s
+        victim = cluster.workers[0]
+        killed: dict = {}
+
+        async def kill_later(started: float) -> None:
+            await asyncio.sleep(max(0.0, started + kill_at - time.perf_counter()))
+            killed["wall"], killed["at_s"] = time.time(), time.perf_counter() - started
+            os.kill(victim.rank_pid(), signal.SIGKILL)
+
+        async def both():
+            started = time.perf_counter()
+            killer = asyncio.ensure_future(kill_later(started))
+            out = await run_open([address], cluster.key, requests)
+            await killer
+            return out
+
+        results, wall = asyncio.run(both())
+        events = _events(cluster.router_logs[0])
+    finally:
+        cluster.stop()
+    ended = [e for e in events if e.get("event") in ("worker_cache_events_ended", "worker_unhealthy")
+             and e.get("address") == victim.address]
+    from datetime import datetime
+
+    def ts(e: dict) -> float:
+        return datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+
+    cleared_after = min((ts(e) - killed["wall"] for e in ended if ts(e) >= killed["wall"] - 0.01), default=None)
+    back = [ts(e) - killed["wall"] for e in events if e.get("event") == "worker_healthy"
+            and e.get("address") == victim.address and ts(e) > killed["wall"]]
+    thirds = [results[: len(results) // 3], results[len(results) // 3: 2 * len(results) // 3],
+              results[2 * len(results) // 3:]]
+
+    def hit(rs):
+        p = sum(r["prompt_tokens"] for r in rs if r["ok"])
+        return sum(r["cached_tokens"] for r in rs if r["ok"]) / p if p else 0.0
+
+    return {"errors": sum(not r["ok"] for r in results), "killed_at_s": killed["at_s"],
+            "view_cleared_after_s": cleared_after, "healthy_again_after_s": back[0] if back else None,
+            "hit_rate_thirds": [hit(t) for t in thirds], "wall_s": wall}
+
+
 # ---- main
 
 
@@ -356,6 +462,15 @@ def run_workers(n: int, args, corpus: list[str], model: Path, tmp: Path) -> dict
         figures["rate"] = rate
     finally:
         cluster.stop()
+    if n == 2 and args.kill:
+        k = run_kill(args, corpus, model, tmp, rate)
+        figures["kill"] = k
+        cleared = k["view_cleared_after_s"]
+        again = k["healthy_again_after_s"]
+        print(f"  kill   cache    worker 0 SIGKILLed at {k['killed_at_s']:.1f} s: errors {k['errors']}, its view "
+              f"dropped after {'never' if cleared is None else f'{cleared:.2f} s'}, healthy again after "
+              f"{'never' if again is None else f'{again:.1f} s'}; hit rate by thirds of the run "
+              f"{' '.join(f'{h:.2f}' for h in k['hit_rate_thirds'])}", flush=True)
     return figures
 
 
@@ -372,6 +487,8 @@ def main() -> int:
     ap.add_argument("--affinity", type=int, default=None, help="the routers' --cache-affinity-tokens (default theirs)")
     ap.add_argument("--quick", action="store_true", help="2 workers, 40 requests: a smoke run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-kill", dest="kill", action="store_false",
+                    help="skip the run that SIGKILLs a supervised worker half-way (2 workers)")
     args = ap.parse_args()
     if args.quick:
         args.workers = "2"

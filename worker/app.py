@@ -144,7 +144,7 @@ class Worker:
             raise RuntimeError("warm-up did not finish in 300 s")
         if not finished:
             raise RuntimeError("warm-up request failed")
-        self.engine.scheduler.block_manager.reset_prefix_cache()
+        self.engine.reset_prefix_cache()
 
     def close(self) -> None:
         """After engine.stop(): stop the other tensor-parallel ranks (STOP plan) and wait for them."""
@@ -220,9 +220,11 @@ async def serve(config: WorkerConfig, port_file: Path | None = None) -> None:
 
 
 async def _drain(worker: Worker, health: HealthServicer) -> None:
-    """Refuse new jobs (NOT_SERVING) and wait up to drain_timeout_s for those in flight."""
+    """Refuse new jobs (NOT_SERVING), end the CacheEvents streams (no router routes here any more, and open streams
+    would hold up the server's stop) and wait up to drain_timeout_s for the jobs in flight."""
     log.info("worker_draining", num_in_flight=worker.service.num_in_flight)
     worker.service.is_accepting = False
+    worker.engine.cache_events.close()
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.monotonic() + worker.config.drain_timeout_s
     while worker.service.num_in_flight and time.monotonic() < deadline:

@@ -147,6 +147,15 @@ class Engine:
         self._inbox.put(("subscribe", subscriber))
         self._wakeup.set()
 
+    def reset_prefix_cache(self, timeout: float = 60.0) -> None:
+        """Forget every cached block, on the engine thread: a reset from another thread would race the steps and the
+        draining of cache events. Returns once done."""
+        done = threading.Event()
+        self._inbox.put(("reset", done))
+        self._wakeup.set()
+        if not done.wait(timeout):
+            raise RuntimeError(f"the engine did not reset its prefix cache in {timeout} s")
+
     @property
     def load(self) -> LoadSnapshot:
         return self._load
@@ -210,6 +219,10 @@ class Engine:
                 return
             if kind == "abort":
                 self._abort(item)
+                continue
+            if kind == "reset":
+                self.scheduler.block_manager.reset_prefix_cache()
+                item.set()
                 continue
             if kind == "subscribe":
                 self._publish_cache()  # (the changes so far go to the others; the snapshot holds them already)

@@ -30,6 +30,8 @@ llamagrid_worker_preemptions_total              counter    model                
                                                                                  start
 llamagrid_worker_accepting                      gauge      model                 1 while serving, 0 warming up /
                                                                                  draining
+llamagrid_worker_cache_event_subscribers        gauge      model                 open CacheEvents streams (one per
+                                                                                 router following this cache)
 ==============================================  =========  ====================  =======================================
 """
 
@@ -119,6 +121,8 @@ class _EngineCollector:
         yield gauge("llamagrid_worker_kv_blocks_total", "KV-cache pool size in blocks.", load.num_total_blocks)
         yield gauge("llamagrid_worker_accepting", "1 while the worker accepts requests.",
                     1 if self.service.is_accepting else 0)
+        yield gauge("llamagrid_worker_cache_event_subscribers", "Open CacheEvents streams.",
+                    self.service.engine.cache_events.num_subscribers)
         c = CounterMetricFamily("llamagrid_worker_preemptions", "Sequences preempted since start.", labels=["model"])
         c.add_metric(m, self.service.engine.scheduler.num_preemptions)
         yield c

@@ -14,11 +14,18 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from common.errors import FailedPrecondition, InvalidRequest, ResourceExhausted, handle_errors, handle_stream_errors
+from common.errors import (
+    EngineUnavailable,
+    FailedPrecondition,
+    InvalidRequest,
+    ResourceExhausted,
+    handle_errors,
+    handle_stream_errors,
+)
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
-from worker.cache_events import Overflowed, Subscriber
+from worker.cache_events import Draining, Overflowed, Subscriber
 from worker.chat_template import ChatMessage
 from worker.engine import FinishEvent, LoadSnapshot, TokenEvent
 from worker.service import Job, WorkerInfo, WorkerService
@@ -159,10 +166,12 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
                     batch = await subscriber.next()
                 except Overflowed:
                     raise ResourceExhausted("cache events: the reader fell behind; subscribe again") from None
+                except Draining:
+                    raise EngineUnavailable("cache events: the worker is draining") from None
                 yield wpb.CacheEvent(epoch=hub.epoch, snapshot=batch.snapshot, stored=batch.stored,
                                      evicted=batch.evicted, block_size=hub.block_size)
         finally:
-            subscriber.closed = True
+            subscriber.close()
 
     @handle_errors
     async def Tokenizer(self, request, context) -> wpb.TokenizerResponse:

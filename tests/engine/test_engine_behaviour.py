@@ -1,13 +1,16 @@
-"""Engine behaviour end to end on the tiny model: leaks, cancellation, stop strings, streaming text."""
+"""Engine behaviour end to end on the tiny model: leaks, cancellation, stop strings, streaming text, cache events."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 
 import pytest
 
 from tests.engine_utils import make_worker, run_all, submit
 from tests.support.waits import wait_until
+from worker.cache_events import StreamEnded, Subscriber
 from worker.sequence import FinishReason, SamplingParams
 
 
@@ -97,3 +100,71 @@ def test_unschedulable_request_fails_alone(worker):
     assert bad.done.wait(30) and bad.error is not None
     ok = run_all(worker, [[1, 5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True), prefix="after-bad")[0]
     assert ok.finish_reason == FinishReason.LENGTH
+
+
+class _View:
+    """One cache subscriber's view, built on a loop of its own thread from the snapshot and the batches alone."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.subscriber = Subscriber(loop)
+        self.keys: set[int] = set()
+        self.num_batches = self.num_evicted = 0
+        self.following = asyncio.run_coroutine_threadsafe(self._follow(), loop)
+
+    async def _follow(self) -> None:
+        first = await self.subscriber.next()
+        assert first.snapshot and not first.evicted
+        self.keys = set(first.stored)
+        while True:
+            try:
+                batch = await self.subscriber.next()
+            except StreamEnded:
+                return
+            assert not batch.snapshot and (batch.stored or batch.evicted)
+            assert not set(batch.stored) & set(batch.evicted)
+            self.keys = (self.keys - set(batch.evicted)) | set(batch.stored)
+            self.num_batches += 1
+            self.num_evicted += len(batch.evicted)
+
+
+def test_cache_subscribers_joining_under_load_each_see_the_exact_cache(worker):
+    """Subscribers that join while the engine steps (shared prefixes: hits; a small pool: evictions) each end with
+    the cache itself: a snapshot and the batches after it miss nothing and repeat nothing. A reset empties them."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    views: list[_View] = []
+    try:
+        rng = random.Random(5)
+        bases = [[1] + [rng.randrange(3, 1000) for _ in range(40)] for _ in range(3)]
+        results = []
+        views.append(_View(loop))
+        worker.engine.subscribe_cache(views[0].subscriber)
+        for i in range(24):
+            tail = [rng.randrange(3, 1000) for _ in range(rng.randint(1, 80))]
+            prompt = rng.choice(bases)[: rng.randint(1, 41)] + tail
+            results.append(submit(worker, f"cache-events-{i}", prompt,
+                                  SamplingParams(max_new_tokens=rng.randint(5, 20), ignore_eos=True)))
+            if i % 6 == 5:  # joins between two steps of these six
+                wait_for(lambda: any(r.token_ids for r in results[-6:]), "the engine to be stepping", 60)
+                views.append(_View(loop))
+                worker.engine.subscribe_cache(views[-1].subscriber)
+        for r in results:
+            assert r.done.wait(120) and r.error is None
+        wait_idle(worker)
+        bm = worker.engine.scheduler.block_manager
+        cached = set(bm.cached_block_keys())  # the engine is idle: the cache holds still
+        wait_for(lambda: all(v.keys == cached for v in views), "every view to match the cache")
+        assert worker.engine.cache_events.num_subscribers == len(views) == 5 and views[0].num_evicted > 0
+        assert cached
+        worker.engine.reset_prefix_cache()
+        wait_for(lambda: not any(v.keys for v in views), "every view to empty after a reset")
+        assert bm.cached_block_keys() == []
+    finally:
+        for v in views:
+            v.subscriber.end(StreamEnded())
+            v.following.result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    wait_for(lambda: worker.engine.cache_events.num_subscribers == 0, "the ended subscribers to be dropped")

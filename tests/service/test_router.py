@@ -182,12 +182,13 @@ def test_unavailable_worker_before_first_token_is_retried(workers, dead_address)
 
     class FakePool:
         metadata = ()
+        cache_routing = False
 
         def __init__(self, channels):
             self.channels = channels
             self.picked = []
 
-        def pick(self, model, exclude=frozenset(), prefer=None):
+        def pick(self, model, exclude=frozenset(), prefer=None, prompt=None):
             for address in (dead_address, workers[0].address):
                 if address not in exclude:
                     self.picked.append(address)
