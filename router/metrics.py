@@ -164,20 +164,11 @@ class RouterMetrics:
         self.routing_seconds.observe(seconds)
 
 
-def _snapshot(pool) -> list:
-    """pool.snapshot() from the scrape thread: the pool's loop may change its workers meanwhile; retry then."""
+def _from_scrape_thread(read) -> list:
+    """read() of the pool from the scrape thread: the pool's loop may change its workers meanwhile; retry then."""
     for _ in range(3):
         try:
-            return pool.snapshot()
-        except (RuntimeError, KeyError):
-            continue
-    return []
-
-
-def _cached_blocks(pool) -> list[tuple[str, int]]:
-    for _ in range(3):
-        try:
-            return pool.cached_blocks()
+            return read()
         except (RuntimeError, KeyError):
             continue
     return []
@@ -232,7 +223,7 @@ class _StateCollector:
         redis_errors.add_metric(["keystore"], keystore_errors)
         yield redis_errors
         if self.pool is not None:
-            states = _snapshot(self.pool)
+            states = _from_scrape_thread(self.pool.snapshot)
             tally = Tally((s.model or "", "true" if s.is_healthy else "false") for s in states)
             workers = GaugeMetricFamily("llamagrid_router_workers", "Discovered workers by model and health.",
                                         labels=["model", "healthy"])
@@ -243,6 +234,6 @@ class _StateCollector:
             blocks = GaugeMetricFamily("llamagrid_router_worker_cached_blocks", "Blocks in each worker's prefix "
                                        "cache as its CacheEvents stream tells (absent while unknown).",
                                        labels=["worker"])
-            for address, count in _cached_blocks(self.pool):
+            for address, count in _from_scrape_thread(self.pool.cached_blocks):
                 blocks.add_metric([address], count)
             yield blocks
