@@ -146,6 +146,9 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
 
     if router_processes < 1:
         raise SystemExit(f"error: --router-processes must be >= 1, got {router_processes}")
+    # Ctrl-C (SIGINT) is how `up` is stopped, even when started from a shell that ran it in the background without
+    # job control: such a shell makes SIGINT ignored, and Python then leaves it so
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     run_dir = Path(tempfile.mkdtemp(prefix="llamagrid-up-"))
     cluster = Cluster(run_dir, log_level)
