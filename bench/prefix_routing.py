@@ -210,14 +210,10 @@ class Cluster:
         return [e for path in self.router_logs for e in _events(path) if e.get("event") == "request_finished"]
 
     def stop_mode(self) -> None:
+        from worker.launch import stop_process
+
         for proc in self.routers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 15)
         for w in self.workers:
             w.stop(timeout=15)
         self.routers, self.workers = [], []
@@ -255,13 +251,9 @@ class Supervised:
         return pids[-1]
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from worker.launch import stop_process
+
+        stop_process(self.proc, timeout)
 
 
 def _events(path: Path) -> list[dict]:

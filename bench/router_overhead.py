@@ -194,14 +194,11 @@ class Cluster:
                 "relay": _cpu_seconds(self.relay.pid) if self.relay else 0.0}
 
     def stop(self) -> None:
+        from worker.launch import stop_process
+
         for proc in (self.relay, self.router):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop_process(proc, 15)
         if self.worker is not None:
             self.worker.stop(timeout=15)
         if self.redis is not None:

@@ -13,6 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM (a server drains), then SIGKILL after `timeout`; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class WorkerProcess:
     proc: subprocess.Popen
@@ -24,14 +36,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (drain), then SIGKILL after timeout; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def start_worker(model_dir: Path, *args: str, port: int = 0, timeout: float = 300.0,

@@ -17,6 +17,20 @@ from worker.kv_cache import BlockManager
 from worker.server import WorkerServicer
 
 
+async def _until(condition, what: str, timeout_s: float = 5.0) -> None:
+    """Let the loop run (deliveries queued with call_soon_threadsafe, tasks reaching their first await) until
+    condition() holds; AssertionError naming `what` past the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0)
+
+
+def _blocked_reader(subscriber: Subscriber) -> bool:
+    return bool(subscriber._queue._getters)  # a task waits in next() on its empty queue
+
+
 def test_snapshot_then_batches_then_closed():
     async def main():
         hub = CacheEventHub(block_size=16)
@@ -45,8 +59,8 @@ def test_a_reader_that_falls_behind_is_ended_at_once():
         await fast.next()
         for i in range(MAX_UNREAD + 1):
             hub.publish([i], [])
-            if i % 100 == 0:
-                await asyncio.sleep(0)  # the loop delivers; fast reads, slow does not
+            if i % 100 == 0:  # the loop delivers; fast reads, slow does not
+                await _until(lambda: not fast._queue.empty(), "the batch delivered to the fast reader")
                 while not fast._queue.empty():
                     await fast.next()
         with pytest.raises(Overflowed):
@@ -62,8 +76,8 @@ def test_closing_the_hub_ends_every_stream_and_any_later_one():
         waiting = Subscriber(asyncio.get_running_loop())
         hub.add(waiting, [])
         await waiting.next()
-        reader = asyncio.create_task(waiting.next())  # blocked on an empty queue
-        await asyncio.sleep(0)
+        reader = asyncio.create_task(waiting.next())
+        await _until(lambda: _blocked_reader(waiting), "the reader blocked on its empty queue")
         hub.close()
         with pytest.raises(Draining):
             await asyncio.wait_for(reader, 5)
@@ -153,7 +167,8 @@ def test_an_overflowed_stream_ends_resource_exhausted_and_a_cancelled_one_unsubs
         await anext(cancelled)
         assert hub.num_subscribers == 1
         reading = asyncio.create_task(anext(cancelled))
-        await asyncio.sleep(0)
+        await _until(lambda: any(_blocked_reader(s) for s in hub._subscribers if not s.closed),
+                     "the handler waiting for its next batch")
         reading.cancel()  # what gRPC does to the handler of a cancelled call
         with pytest.raises(asyncio.CancelledError):
             await reading
