@@ -19,7 +19,9 @@ from tests.support.isolation import routers
 from tests.support.router import admin, auth, create_keys, log_problems
 from tests.support.waits import wait_until
 
-IDLE_S, MAX_AGE_S = 1.0, 2.5  # --chat-idle-timeout / --chat-max-age of the second router
+# --chat-idle-timeout / --chat-max-age of the second router: 3 s apart, so a short first turn on a loaded machine
+# still ends long before the age limit and the idle limit is what ends the session.
+IDLE_S, MAX_AGE_S = 1.0, 4.0
 LONG = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)  # seconds on a fake worker
 
 
@@ -32,10 +34,10 @@ def keys(redis_server) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def routers_(redis_server, keys, module_fakes, tmp_path_factory):
     """"main": the router of most tests; "timeouts": one with short Chat idle and age limits, on a Redis of its own
-    (routers sharing a Redis split per-key caps among them), in front of a worker that generates 3000 tokens in
-    about 3 s."""
+    (routers sharing a Redis split per-key caps among them), in front of a worker that takes at least 4.5 s for
+    3000 tokens (it sleeps 1.5 ms per token), longer than MAX_AGE_S."""
     main_worker = module_fakes.start()
-    slow_worker = module_fakes.start(Script(token_delay_s=0.001))
+    slow_worker = module_fakes.start(Script(token_delay_s=0.0015))
     tmp = tmp_path_factory.mktemp("isolation-sessions")
     with RedisServer() as other_redis:
         timeout_key = create_keys(other_redis.url, {"t": ("gen", [])})["t"]
