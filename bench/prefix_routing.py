@@ -486,6 +486,7 @@ def main() -> int:
     ap.add_argument("--affinity", type=int, default=None, help="the routers' --cache-affinity-tokens (default theirs)")
     ap.add_argument("--quick", action="store_true", help="2 workers, 40 requests: a smoke run")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the run's directory (router and worker logs)")
     ap.add_argument("--kill-only", action="store_true", help="only the kill run (2 workers; give --rate)")
     ap.add_argument("--no-kill", dest="kill", action="store_false",
                     help="skip the run that SIGKILLs a supervised worker half-way (2 workers)")
@@ -511,7 +512,10 @@ def main() -> int:
                 ok &= passed
                 print(f"  {'PASS' if passed else 'FAIL'}: {n} workers, {name}: {detail}", flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"overall: {'PASS' if ok else 'FAIL'}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

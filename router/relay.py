@@ -255,8 +255,8 @@ class Relay:
     def pick_now(self, state: _Failover, prefer: str | None) -> str:
         """A healthy worker for a job's first call (no waiting: nothing failed yet)."""
         started = time.perf_counter()
-        if prefer is None and self.pool.cache_routing:
-            state.prompt = self._prompt(state.job)
+        if self.pool.cache_routing and (prefer is None or not self.pool.serves(prefer, state.job.model)):
+            state.prompt = self._prompt(state.job)  # (a moved Chat session: where its transcript is cached)
         picked = self.pool.pick(state.job.model, prefer=prefer, prompt=state.prompt)
         if picked is None:
             raise NoHealthyWorker("no healthy worker for the model")
@@ -288,7 +288,8 @@ class Relay:
         while True:
             now = time.monotonic()
             excluded = frozenset(a for a, t in state.failed.items() if now - t < FAILED_EXCLUDE_S)
-            if state.prompt is None and self.pool.cache_routing and (prefer is None or prefer in excluded):
+            if state.prompt is None and self.pool.cache_routing and (
+                    prefer is None or prefer in excluded or not self.pool.serves(prefer, state.job.model)):
                 state.prompt = self._prompt(state.job)  # (a moved Chat session: where its transcript is cached)
             picked = self.pool.pick(state.job.model, excluded, prefer=prefer, prompt=state.prompt)
             if picked is not None:

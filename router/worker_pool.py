@@ -185,6 +185,14 @@ class WorkerPool:
         self._decided(reason, predicted, model)
         return chosen, self._workers[chosen.address].channel
 
+    def serves(self, address: str, model: str) -> bool:
+        """Whether `address` is a known worker, healthy, serving `model` (a Chat session's worker still usable)."""
+        w = self._workers.get(address)
+        if w is None:
+            return False
+        state = self._state(w, time.monotonic())
+        return state.is_healthy and state.model == model
+
     def prompt_blocks(self, model: str, text: str) -> PromptBlocks | None:
         """A text prompt's blocks as the workers of `model` name them, read only as far as some worker holds
         them; None without cache routing or when no worker of the model has a known cache."""

@@ -15,6 +15,7 @@ from common.internal_auth import INTERNAL_TOKEN_ENV
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from router.config import RouterConfig
+from tests.support.calls import Chat, turn
 from tests.support.router import auth, new_keys, serve_router
 from tests.support.waits import wait_until
 from tests.support.workers import INTERNAL_TOKEN, start_real_workers
@@ -111,3 +112,45 @@ def test_a_killed_worker_is_forgotten_at_once_and_its_successor_starts_empty(red
         worker.stop()
         if successor is not None:
             successor.stop()
+
+
+def test_a_moved_chat_session_goes_where_its_transcript_is_cached(redis_server, tiny_model_dir, tmp_path, key):
+    """Three workers. Session one's first turn runs on worker A; session two, the same first turn, on another worker
+    X (so X caches the same transcript). A is killed: session one's next turn leaves A for the worker holding its
+    transcript (X), not the empty third one, and reuses X's cache."""
+    args = ("--kv-cache-tokens", "4096", "--max-num-seqs", "8", "--num-threads", "1")
+    env = {INTERNAL_TOKEN_ENV: INTERNAL_TOKEN}
+    workers = start_real_workers(tiny_model_dir, [tmp_path / f"w{i}.log" for i in range(3)], *args, env=env)
+    by_address = {w.address: w for w in workers}
+    params = pb.SamplingParameters(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    first = turn(_prefix(random.Random(3), 60), params=params)  # about 10 blocks: a cache hit shows in the usage
+    sessions = []
+    try:
+        with serve_router(_config(workers, redis_server.url), num_workers=3, health_timeout_s=2.0) as router, \
+                grpc.insecure_channel(router.address) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            wait_until(lambda: set(_views(router)) == set(by_address), "every worker's cache view", 15)
+            one = Chat(stub, key)
+            sessions.append(one)
+            assert one.turn(first).usage.cached_prompt_tokens == 0
+            wait_until(lambda: sum(n > 0 for n in _views(router).values()) == 1, "session one's blocks in view", 10)
+            [a] = [addr for addr, n in _views(router).items() if n > 0]
+            for _ in range(20):  # a new session's first turn is placed by load: open sessions until one is not on A
+                two = Chat(stub, key)
+                sessions.append(two)
+                if two.turn(first).usage.cached_prompt_tokens == 0:
+                    break
+            else:
+                pytest.fail("20 sessions all placed on worker A")
+            wait_until(lambda: sum(n > 0 for n in _views(router).values()) == 2, "session two's blocks in view", 10)
+            [x] = [addr for addr, n in _views(router).items() if n > 0 and addr != a]
+            by_address[a].proc.kill()
+            wait_until(lambda: a not in _views(router), "the killed worker's view dropped", 5)
+            end = one.turn(turn("and then?", params=params))
+            assert end.usage.cached_prompt_tokens >= 16 * 8, end.usage  # the transcript's blocks, cached on X
+            assert _views(router)[x] > 0 and set(_views(router)) == set(by_address) - {a}
+    finally:
+        for chat in sessions:
+            chat.cancel()
+        for w in workers:
+            w.stop()
