@@ -206,6 +206,20 @@ class Cluster:
             self.router_ports.append(_wait_port(proc, port_file, log_path))
             self.router_logs.append(log_path)
 
+    def wait_cache_views(self, timeout_s: float = 30.0) -> None:
+        """Until every router has every worker's cache snapshot (its worker_cache_view_live lines): before that, a
+        request would be placed by load alone."""
+        addresses = {w.address for w in self.workers}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = [{e.get("address") for e in _events(path) if e.get("event") == "worker_cache_view_live"}
+                    for path in self.router_logs]
+            if all(addresses <= seen for seen in live):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the routers did not see every worker's cache within {timeout_s} s")
+            time.sleep(0.05)
+
     def finished_lines(self) -> list[dict]:
         return [e for path in self.router_logs for e in _events(path) if e.get("event") == "request_finished"]
 
@@ -355,7 +369,7 @@ def run_kill(args, corpus: list[str], model: Path, tmp: Path, rate: float) -> di
         cluster.start("cache", "kill", supervised=True)
         address = f"127.0.0.1:{cluster.router_ports[0]}"
         asyncio.run(_wait_routable(address, cluster.key, 2))
-        time.sleep(0.5)  # (the workers' snapshots reach the router right after it sees them)
+        cluster.wait_cache_views()
         # a minute of arrivals: the kill after 15 s, the restarted worker back some 10 s later, then time to recover
         requests = make_workload(8, int(rate * KILL_RUN_S), rate, args.seed, None, corpus)
         kill_at = KILL_AT_S
@@ -442,8 +456,8 @@ def run_workers(n: int, args, corpus: list[str], model: Path, tmp: Path) -> dict
                 addresses = [f"127.0.0.1:{p}" for p in cluster.router_ports]
                 for a in addresses:
                     asyncio.run(_wait_routable(a, cluster.key, n))
-                if mode.startswith("cache"):  # the workers' snapshots reach the router right after it sees them
-                    time.sleep(0.5)
+                if mode.startswith("cache"):
+                    cluster.wait_cache_views()
                 results, wall = asyncio.run(run_open(addresses, cluster.key, requests))
                 s = summarise(results, wall, cluster.finished_lines())
                 # capacity: back-to-back streams on the same requests (the caches as the open run left them)

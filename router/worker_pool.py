@@ -377,6 +377,8 @@ class WorkerPool:
                 call = w.stub.CacheEvents(wpb.CacheEventsRequest(), metadata=self.metadata)
                 async for event in call:
                     w.view.apply(event)
+                    if event.snapshot:  # (once per stream: the view is live from here)
+                        log.info("worker_cache_view_live", address=w.address, blocks=len(w.view.keys))
                     backoff = BACKOFF_INITIAL_S
                 delay = backoff
             except grpc.aio.AioRpcError as exc:

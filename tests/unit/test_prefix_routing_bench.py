@@ -44,3 +44,23 @@ def test_summary_and_verdict():
     worse = {**cache, "hit_rate": 0.4 + rng.random() * 0.3}
     assert not dict((n, p) for n, p, _ in verdict({"shared": {"load": load, "cache": worse}}))[
         "shared: cache hit rate cache/load"]
+
+
+def test_routing_decision_bench_decides_on_its_pool(tiny_model_dir):
+    """bench/routing_decision.py's pool (the router's WorkerPool with views, no channels) routes a held document's
+    prompt to a worker holding it, and a load-only decision still picks a worker."""
+    from bench.routing_decision import MODEL, make_pool
+
+    tokenizer_json = (tiny_model_dir / "tokenizer.json").read_text()
+    rng = random.Random(0)
+    documents = [" ".join(rng.choice(CORPUS) for _ in range(200)) + f" {d}" for d in range(4)]
+    pool = make_pool(tokenizer_json, 4, 1000, documents, rng)
+    reasons = []
+    pool.on_decision = lambda reason, predicted, model: reasons.append(reason)
+    for text in documents:
+        blocks = pool.prompt_blocks(MODEL, text + " and a question?")
+        cached = pool.cached_tokens(MODEL, blocks)
+        assert len(cached) == 4 and sum(n > 0 for n in cached.values()) == 2, cached  # each document on two workers
+        assert pool.pick(MODEL, prompt=blocks) is not None
+    assert set(reasons) <= {"cache", "spill"} and "cache" in reasons  # (the workers' loads are random)
+    assert pool.pick(MODEL) is not None and reasons[-1] == "load"
