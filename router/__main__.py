@@ -41,10 +41,10 @@ async def serve(config: RouterConfig, port_file: Path | None = None, parent_pid:
     from router.server import build_router
 
     with redis_for(config) as config:
-        server, port, cleanup = await build_router(config)
+        served = await build_router(config)
         try:
             if port_file is not None:
-                write_port_file(port_file, port)
+                write_port_file(port_file, served.port)
             if parent_pid is None:
                 await until_terminated()
             else:
@@ -52,7 +52,7 @@ async def serve(config: RouterConfig, port_file: Path | None = None, parent_pid:
 
                 await until_terminated_or_orphaned(parent_pid)
         finally:
-            await cleanup()  # drain: health NOT_SERVING, refuse new calls, in-flight ones get config.drain_grace_s
+            await served.cleanup()  # drain: health NOT_SERVING, no new calls, those in flight get drain_grace_s
 
 
 def main(argv: list[str] | None = None) -> int:

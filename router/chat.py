@@ -23,7 +23,7 @@ from router.errors import SessionOver
 from router.keys import KeyRecord
 from router.metrics import RouterMetrics
 from router.outbox import Outbox
-from router.relay import FollowUps, Relay, new_job, renames
+from router.relay import FollowUps, Relay, new_job, turn_renames
 
 log = structlog.get_logger("router.server")
 
@@ -111,7 +111,7 @@ class ChatCall:
     async def _pump(self, job: wpb.Job, follow_ups: FollowUps, record: CallRecord) -> None:
         try:
             async for event in self.relay.events(job, self.context, prefer=self.session.address, follow_ups=follow_ups,
-                                                 on_address=self.session.pin, record=record, renamed=renames(job)):
+                                                 on_address=self.session.pin, record=record, renamed=turn_renames(job)):
                 self.inbox.put_event(0, event)
         except Exception as exc:
             self.inbox.put(exc)

@@ -28,6 +28,8 @@ class RouterConfig:
     port: int = 50051  # 0 = any free port
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off, 0 = any free port
     metrics_host: str | None = None  # where /metrics listens; None = host
+    # the OpenAI- and MosaicML-compatible HTTP API (router.http) on host:http_port; None = off, 0 = any free port
+    http_port: int | None = None
     # N > 1: python -m router runs N router processes on one port (router.processes), each with its own config
     processes: int = 1
     reuse_port: bool = False  # SO_REUSEPORT on the client port: the processes of one --processes router share it
@@ -78,9 +80,11 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {self.port!r}")
-        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(
-                self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
-            raise ValueError(f"metrics_port must be None or an integer in 0..65535, got {self.metrics_port!r}")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= 65535):
+                raise ValueError(f"{name} must be None or an integer in 0..65535, got {value!r}")
         if not self.host:
             raise ValueError("host must not be empty")
         if self.metrics_host is not None and not self.metrics_host:
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=d["port"].default, help="0 picks a free port")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: a free port)")
     p.add_argument("--metrics-host", default=None, help="the address /metrics listens on (default: --host)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI- and MosaicML-compatible HTTP API here, on --host (0: a free port; "
+                        "default: off)")
     p.add_argument("--processes", type=int, default=None,
                    help=f"router processes sharing the port (SO_REUSEPORT), e.g. one per core; their /metrics are "
                         f"merged on --metrics-port with a `process` label (default ${PROCESSES_ENV}, else 1)")
@@ -233,6 +240,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         port=args.port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
         processes=_processes(args, env),
         reuse_port=args.reuse_port,
         workers=_workers_spec(args),

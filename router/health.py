@@ -27,6 +27,10 @@ class RouterHealth:
         self._draining = False
         self._last = None
 
+    def ready(self) -> bool:
+        """What "llamagrid.v1.Inference" reports: a healthy worker, and not draining (the HTTP readiness probe)."""
+        return not self._draining and bool(self.pool.models())
+
     def add_to_server(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 

@@ -13,6 +13,10 @@ llamagrid_router_requests_total               counter    method, code    finishe
                                                                          gRPC status code name (OK, RESOURCE_EXHAUSTED,
                                                                          ...)
 llamagrid_router_request_duration_seconds     histogram  method          end-to-end call duration as the router sees it
+llamagrid_router_http_requests_total          counter    route, status   finished HTTP requests (--http-port) by route
+                                                                         template (POST /v1/chat/completions, POST
+                                                                         /{model}/v1/predict, ...) and HTTP status
+llamagrid_router_http_request_duration_seconds histogram route           end-to-end HTTP request duration
 llamagrid_router_time_to_first_token_seconds  histogram  model           job sent to a worker -> first token (failovers
                                                                          included)
 llamagrid_router_prompt_tokens_total          counter    model           prompt tokens of finished jobs (worker-reported
@@ -124,6 +128,10 @@ class RouterMetrics:
         self.routing_seconds = Histogram("llamagrid_router_routing_decision_seconds", "Time to choose a worker for "
                                          "a job, its prompt's tokenizing and hashing included.",
                                          buckets=ROUTING_BUCKETS, registry=self.registry)
+        self.http_requests = Counter("llamagrid_router_http_requests", "Finished HTTP requests by route template "
+                                     "and HTTP status.", ["route", "status"], registry=self.registry)
+        self.http_seconds = Histogram("llamagrid_router_http_request_duration_seconds", "End-to-end HTTP request "
+                                      "duration by route template.", ["route"], registry=self.registry)
         self.registry.register(_StateCollector(pool, auth, limiter, background))
         self.loop_lag = LoopLag(self.registry, "llamagrid_router")
         self._by_model: dict[str, tuple] = {}  # model -> (ttft, prompt, completion, cached, predicted) children
@@ -159,6 +167,11 @@ class RouterMetrics:
         self._routing[reason].inc()
         if predicted_cached_tokens:
             self._model(model)[4].inc(predicted_cached_tokens)
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """One finished HTTP request; `route` is the app's route template (bounded), never the path as sent."""
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
 
     def routing_time(self, seconds: float) -> None:
         self.routing_seconds.observe(seconds)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from common.block_hash import BlockHash, block_key, hash_block
+from common.bos import without_leading_bos
 
 CHUNK_CHARS = 256
 KEPT_STATES = 8192  # prompt prefixes whose tokens and blocks are kept (about 100 bytes plus the keys each)
@@ -55,6 +56,8 @@ class PromptEncoder:
         self.fingerprint = self.fingerprint_of(tokenizer_json)
         self.block_size = block_size
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        bos = self._tokenizer.encode("", add_special_tokens=True).ids[:1]
+        self._bos_text = self._tokenizer.id_to_token(bos[0]) if bos else None  # (common.bos)
         self._states: OrderedDict[bytes, _State] = OrderedDict()
         self.chunked = self._cuts_are_exact()
 
@@ -67,6 +70,7 @@ class PromptEncoder:
         tokenized once no worker holds the last block so far: no worker can hold the blocks after it (each key
         names every token before it), so the keys up to there decide as well as all of them, and a prompt nobody
         has cached costs one piece. `num_tokens` then counts the pieces read."""
+        text = without_leading_bos(text, self._bos_text)
         if not self.chunked:
             return self.blocks_of_ids(self._tokenizer.encode(text, add_special_tokens=True).ids)
         state = _State(0, (), None, ())

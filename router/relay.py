@@ -57,13 +57,20 @@ def new_job(request_id: str, model: str, params: pb.SamplingParameters, context,
 
 
 def renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
-    """How the worker's names for a job's fields read in the public request it came from: a Generate input
-    `inputs[i]` (request id `<call>/<i>`), a Chat turn `turns[n]` (request id `<session>/<n>`)."""
+    """How the worker's names for a Generate job's fields read in the public request it came from (request id
+    `<call>/<i>`): a text input `inputs[i]`, a conversation `conversations[i]`."""
     n = job.request_id.rsplit("/", 1)[-1]
     if job.WhichOneof("prompt") == "chat":
-        return (("job.chat.", f"turns[{n}]."), ("job.chat", f"turns[{n}].messages"),
-                ("job.parameters", f"turns[{n}].parameters"), ("job.", f"turns[{n}]."))
+        return (("job.chat.", f"conversations[{n}]."), ("job.chat", f"conversations[{n}].messages"),
+                ("job.parameters", "parameters"), ("job.", f"conversations[{n}]."))
     return (("job.text", f"inputs[{n}]"), ("job.parameters", "parameters"), ("job.", f"inputs[{n}]."))
+
+
+def turn_renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
+    """The same for a Chat session's turn `turns[n]` (request id `<session>/<n>`)."""
+    n = job.request_id.rsplit("/", 1)[-1]
+    return (("job.chat.", f"turns[{n}]."), ("job.chat", f"turns[{n}].messages"),
+            ("job.parameters", f"turns[{n}].parameters"), ("job.", f"turns[{n}]."))
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -56,13 +58,21 @@ def _grpc_server(config: RouterConfig) -> grpc.aio.Server:
     return grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *connections], interceptors=[RequestGuard()])
 
 
-async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
-                       ) -> tuple[grpc.aio.Server, int, Callable[..., Awaitable[None]]]:
-    """Build and start the router against the Redis at config.redis_url.
+@dataclass(frozen=True)
+class Served:
+    """A started router: its gRPC server and port, its HTTP port (None without config.http_port), and an async
+    `cleanup(grace_s=config.drain_grace_s)` that drains (health NOT_SERVING, no new calls or requests, those in
+    flight get up to grace_s to finish) and stops everything it started."""
 
-    `pool` (default: one from config.workers) is started here and stopped by cleanup; pass one to watch its health.
-    Returns the started server, its bound port and an async `cleanup(grace_s=config.drain_grace_s)` that drains
-    (health NOT_SERVING, no new calls, in-flight ones get up to grace_s to finish) and stops everything it started."""
+    server: grpc.aio.Server
+    port: int
+    http_port: int | None
+    cleanup: Callable[..., Awaitable[None]]
+
+
+async def build_router(config: RouterConfig, pool: WorkerPool | None = None) -> Served:
+    """Build and start the router against the Redis at config.redis_url. `pool` (default: one from config.workers)
+    is started here and stopped by cleanup; pass one to watch its health."""
     if config.redis_url is None:
         raise ValueError("the router needs config.redis_url (python -m router starts an embedded Redis without one)")
     ceiling_s = max(config.redis_timeout_s, config.redis_max_timeout_s)
@@ -93,23 +103,38 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
         metrics_http = serve_metrics(metrics.registry, config.metrics_host or config.host, config.metrics_port)
         log.info("metrics_serving", port=metrics_http.server_port)
     server = _grpc_server(config)
-    pb_grpc.add_InferenceServicer_to_server(RouterServicer(config, admission, relay, metrics), server)
+    servicer = RouterServicer(config, admission, relay, metrics)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health = RouterHealth(pool)
     health.add_to_server(server)
     reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     port = _bind(server, config)
+    http = None
+    if config.http_port is not None:
+        from router.http.app import Edge
+        from router.http.server import HttpServer
+
+        http = HttpServer(Edge(servicer, metrics, health.ready), config.host, config.http_port, config.reuse_port,
+                          config.drain_grace_s)
     await server.start()
+    if http is not None:
+        await http.start()
     await health.start()
     metrics.loop_lag.start()
-    log.info("router_started", port=port, workers=config.workers, routers=peers.count(),
-             tls=config.tls_cert is not None, internal_token=config.internal_token is not None)
+    log.info("router_started", port=port, http_port=http.port if http is not None else None, workers=config.workers,
+             routers=peers.count(), tls=config.tls_cert is not None,
+             internal_token=config.internal_token is not None)
 
     async def cleanup(grace_s: float | None = None) -> None:
         grace = config.drain_grace_s if grace_s is None else grace_s
         metrics.loop_lag.stop()
         await health.drain()
         log.info("router_draining", grace_s=grace)
-        await server.stop(grace)
+        if http is not None:
+            http.server.config.timeout_graceful_shutdown = grace
+            await asyncio.gather(server.stop(grace), http.stop())
+        else:
+            await server.stop(grace)
         await background.wait()
         await limiter.close()
         await peers.stop()
@@ -120,4 +145,4 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None,
             stop_metrics(metrics_http)
         log.info("router_stopped")
 
-    return server, port, cleanup
+    return Served(server, port, http.port if http is not None else None, cleanup)

@@ -48,7 +48,16 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     @handle_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        record = begin_call("Generate", context)
+        return await self.generate(request, context, begin_call("Generate", context))
+
+    @handle_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
+        await self.generate_stream(request, context, begin_call("GenerateStream", context))
+
+    # The calls' bodies, shared with the HTTP edge (router.http), which passes a context of its own: errors are
+    # raised as ServiceError, for the caller to map to its protocol's status.
+
+    async def generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> pb.GenerateResponse:
         jobs = None
         try:
             jobs = await self._admit_generate(request, context, record)
@@ -72,11 +81,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
             await self.relay.close(jobs)
             self.admission.settle(record)
 
-    @handle_errors
-    async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
+    async def generate_stream(self, request: pb.GenerateRequest, context, record: CallRecord) -> None:
         # Written with context.write (not as an async generator): each message goes from the worker's stream to the
         # client's in the same step of this call's task, with no generator layers in between.
-        record = begin_call("GenerateStream", context)
         jobs = None
         try:
             jobs = await self._admit_generate(request, context, record)
@@ -104,6 +111,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
             job = new_job(f"{record.request_id}/{i}", model, request.parameters, context, key.tenant, weight)
             job.text = text
             jobs.append(job)
+        for i, conversation in enumerate(request.conversations):
+            job = new_job(f"{record.request_id}/{i}", model, request.parameters, context, key.tenant, weight)
+            job.chat.messages.extend(conversation.messages)
+            jobs.append(job)
         return jobs
 
     async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Jobs:
@@ -111,11 +122,19 @@ class RouterServicer(pb_grpc.InferenceServicer):
         admission was in flight: _dispatch_ahead)."""
         admission = self.admission
         presented = admission.begin(context)
-        record.inputs = len(request.inputs)
-        num_chars = sum(len(t) for t in request.inputs)
-        well_formed = 0 < len(request.inputs) <= MAX_INPUTS and num_chars <= self.config.max_request_chars
+        conversations = request.conversations
+        count = len(request.inputs) + len(conversations)
+        record.inputs = count
+        num_chars = (sum(len(t) for t in request.inputs)
+                     + sum(len(m.content) for c in conversations for m in c.messages))
+        well_formed = (0 < count <= MAX_INPUTS and not (request.inputs and conversations)
+                       and num_chars <= self.config.max_request_chars)
         default_max_new = admission.default_max_new(request.model)
-        cost = sum(estimate_text(t, request.parameters, default_max_new) for t in request.inputs) if well_formed else 0
+        cost = 0
+        if well_formed:
+            params = request.parameters
+            cost = (sum(estimate_text(t, params, default_max_new) for t in request.inputs)
+                    + sum(estimate_chat(c.messages, params, default_max_new) for c in conversations))
         # Started ahead, the jobs' worker calls are on their way before the admission's Redis command is (gRPC sends
         # a call from a task it schedules at once; the limiter's commands go out at the end of this loop pass).
         ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
@@ -124,9 +143,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
             key, model = admitted.key, admitted.model
             record.model = model
             _check_inputs(request)
-            admission.check_size(num_chars, "inputs")
+            admission.check_size(num_chars, "conversations" if conversations else "inputs")
             record.slot = admission.hold(key, REQUESTS, cost, admitted.decided)
-            await admission.charge(key, cost, context, record, decided=admitted.decided, field="inputs")
+            await admission.charge(key, cost, context, record, decided=admitted.decided,
+                                   field="conversations" if conversations else "inputs")
         except BaseException:
             if ahead is not None:
                 await self._drop_ahead(ahead[1])
@@ -239,7 +259,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     @handle_errors
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        record = begin_call("ListModels", context)
+        return await self.list_models(context, begin_call("ListModels", context))
+
+    async def list_models(self, context, record: CallRecord) -> pb.ListModelsResponse:
         admitted = await self.admission.admit(self.admission.begin(context), None, 0, record)  # metered: 1 request
         await self.admission.charge(admitted.key, 0, context, record, decided=admitted.decided)
         await self.admission.headers_out(record, context)
@@ -249,6 +271,15 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
 
 def _check_inputs(request: pb.GenerateRequest) -> None:
+    if request.inputs and request.conversations:
+        raise InvalidRequest("conversations", "set inputs or conversations, not both")
+    if request.conversations:
+        if len(request.conversations) > MAX_INPUTS:
+            raise InvalidRequest("conversations", f"at most {MAX_INPUTS} conversations per request")
+        for i, conversation in enumerate(request.conversations):
+            if not conversation.messages:
+                raise InvalidRequest(f"conversations[{i}].messages", "at least one message is required")
+        return
     if not request.inputs:
         raise InvalidRequest("inputs", "at least one input is required")
     if len(request.inputs) > MAX_INPUTS:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from common.bos import without_leading_bos
 from worker import chat_template
 from worker.detokenizer import TokenDecoder
 
@@ -58,12 +59,16 @@ class Tokenizer:
         self.hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_token_ids = _eos_ids(model_dir, self.hf)
         self.bos_token_id = self.hf.bos_token_id
+        adds_bos = self.bos_token_id is not None and self.hf("", add_special_tokens=True)["input_ids"][:1] == [
+            self.bos_token_id]
+        self._bos_text = self.hf.bos_token if adds_bos else None  # (common.bos)
         self.decoder = TokenDecoder.from_tokenizer(self.hf, vocab_size)
         self.defaults = GenerationDefaults.from_file(model_dir / "generation_config.json")
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Prompt ids for plain text, with the beginning-of-sequence token as transformers adds it."""
-        return list(self.hf(text, add_special_tokens=True)["input_ids"])
+        """Prompt ids for plain text, with the beginning-of-sequence token as transformers adds it (once, also for a
+        text that starts with the BOS literal itself: common.bos)."""
+        return list(self.hf(without_leading_bos(text, self._bos_text), add_special_tokens=True)["input_ids"])
 
     def encode_dialog(self, messages) -> list[int]:
         return chat_template.encode_dialog(self.hf, messages)

@@ -103,6 +103,7 @@ class RouterHandle:
     address: str
     pool: WorkerPool
     loop: asyncio.AbstractEventLoop
+    http_url: str | None = None  # http://127.0.0.1:PORT with config.http_port
 
     def on_loop(self, coro_fn, timeout_s: float = 5.0):
         """Run `await coro_fn()` on the router's own loop (its pool is not thread-safe) and return the result."""
@@ -146,10 +147,11 @@ def serve_router(config: RouterConfig, *, num_workers: int = 0, timeout_s: float
         try:
             pool = WorkerPool(from_spec(config.workers), health_timeout_s=health_timeout_s,
                               load_interval_s=load_interval_s)
-            _, port, cleanup = await build_router(config, pool)
+            served = await build_router(config, pool)
+            port, cleanup = served.port, served.cleanup
             if num_workers and not await pool.wait_healthy(num_workers, timeout_s=timeout_s):
                 raise AssertionError(f"{num_workers} workers never became healthy")
-            state.update(port=port, pool=pool, stop=asyncio.Event())
+            state.update(port=port, http_port=served.http_port, pool=pool, stop=asyncio.Event())
         except BaseException as exc:
             state["error"] = exc
             if cleanup is not None:
@@ -173,7 +175,9 @@ def serve_router(config: RouterConfig, *, num_workers: int = 0, timeout_s: float
         thread.join(15)
         raise state["error"]
     try:
-        yield RouterHandle(f"127.0.0.1:{state['port']}", state["pool"], loop)
+        http = state["http_port"]
+        yield RouterHandle(f"127.0.0.1:{state['port']}", state["pool"], loop,
+                           f"http://127.0.0.1:{http}" if http is not None else None)
     finally:
         loop.call_soon_threadsafe(state["stop"].set)
         thread.join(15)

