@@ -1,5 +1,5 @@
-"""Nothing a user sends or gets back reaches a log: a canary string goes through every RPC of the router and of a
-worker's Worker API, in success and failure paths, with every process at debug level (gRPC's own verbosity too), and
+"""Nothing a user sends or gets back reaches a log: a canary string goes through every RPC of the router, every
+route of its HTTP edge, and every RPC of a worker's Worker API, in success and failure paths, with every process at debug level (gRPC's own verbosity too), and
 must not appear in any log line, in any case. A real worker (it is its logging that is checked), the session's one
 that requires the internal token, behind a real router process."""
 
@@ -10,8 +10,10 @@ import threading
 
 import grpc
 import pytest
+import requests
 
 from common.internal_auth import INTERNAL_TOKEN_ENV, token_metadata
+from common.ports import free_port
 from protos.llamagrid.v1 import inference_pb2 as pb
 from protos.llamagrid.v1 import inference_pb2_grpc as pb_grpc
 from protos.llamagrid.worker.v1 import worker_pb2 as wpb
@@ -41,12 +43,13 @@ def cluster(token_worker, redis_server, tmp_path_factory):
     keys = create_keys(redis_server.url, {"pro": ("pro", []), "one": ("one", [])})
     tiers = tmp / "tiers.toml"
     tiers.write_text(TIERS)
+    http_port = free_port()
     router = RouterProcess(tmp / "router.log", "--workers", token_worker.address, "--redis-url", redis_server.url,
-                           "--tiers", str(tiers), "--log-level", "debug",
+                           "--tiers", str(tiers), "--log-level", "debug", "--http-port", str(http_port),
                            env={**os.environ, **DEBUG_ENV, INTERNAL_TOKEN_ENV: INTERNAL_TOKEN})
     try:
         wait_routable(router.address, keys["pro"])
-        yield {"router": router, "worker": token_worker, "keys": keys}
+        yield {"router": router, "worker": token_worker, "keys": keys, "http": f"http://127.0.0.1:{http_port}"}
     finally:
         router.stop()
 
@@ -124,8 +127,56 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
     return out
 
 
+def _exercise_http(url: str, key: str) -> dict[str, int]:
+    """Every HTTP route with the canary in what a client controls: prompts, messages, stop strings, the user field,
+    field names and values that are refused, a body that is not JSON, a bad key, a stream the client leaves."""
+    good = {"authorization": f"Bearer {key}"}
+    messages = [{"role": "system", "content": f"system {CANARY}"}, {"role": "user", "content": PROMPT}]
+    chat = {"model": "", "messages": messages, "max_tokens": 6, "temperature": 0, "stop": [CANARY], "user": CANARY}
+
+    def post(path: str, body=None, headers=good, data=None) -> int:
+        resp = requests.post(f"{url}{path}", json=body, data=data, headers=headers, timeout=30)
+        resp.content  # noqa: B018 - read to its end
+        return resp.status_code
+
+    model = requests.get(f"{url}/v1/models", headers=good, timeout=30).json()["data"][0]["id"]
+    chat["model"] = model
+    out = {
+        "chat": post("/v1/chat/completions", chat),
+        "chat_stream": post("/v1/chat/completions", {**chat, "stream": True,
+                                                     "stream_options": {"include_usage": True}}),
+        "completions": post("/v1/completions", {"model": model, "prompt": [PROMPT, CANARY], "max_tokens": 6}),
+        "predict": post(f"/{model}/v1/predict", {"inputs": [PROMPT], "parameters": {"max_new_tokens": 6}},
+                        headers={"authorization": key}),
+        "predict_stream": post(f"/{model}/v1/predict_stream", {"inputs": [PROMPT], "parameters": {"stop": CANARY}}),
+        "bad_role": post("/v1/chat/completions", {**chat, "messages": [{"role": CANARY, "content": PROMPT}]}),
+        "bad_part": post("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
+            {"type": CANARY, "text": PROMPT}]}]}),
+        "bad_type": post("/v1/chat/completions", {**chat, "max_tokens": CANARY}),
+        "bad_parameter": post(f"/{model}/v1/predict", {"inputs": [PROMPT], "parameters": {CANARY: CANARY}}),
+        "bad_json": post("/v1/completions", data=f'{{"prompt": "{CANARY}'.encode(),
+                         headers={**good, "content-type": "application/json"}),
+        "unknown_model": post(f"/{CANARY}/v1/predict", {"inputs": [PROMPT]}),
+        "bad_key": post("/v1/completions", {"model": model, "prompt": PROMPT},
+                        headers={"authorization": f"Bearer lg_{CANARY}_{CANARY}"}),
+        "no_route": post(f"/v1/{CANARY}", {"prompt": PROMPT}),
+        "request_id": post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 2},
+                           headers={**good, "x-request-id": CANARY * 20}),
+    }
+    with requests.post(f"{url}/v1/completions", stream=True, headers=good, timeout=30, json={
+            "model": model, "prompt": PROMPT, "max_tokens": 500, "stream": True, "ignore_eos": True}) as resp:
+        next(line for line in resp.iter_lines() if line)  # then the client leaves
+    return out
+
+
 def test_no_user_text_in_any_log(cluster):
     keys = cluster["keys"]
+    http = _exercise_http(cluster["http"], keys["pro"])
+    assert http["chat"] == http["chat_stream"] == http["completions"] == http["predict"] == 200
+    assert http["predict_stream"] == http["request_id"] == 200
+    assert http["bad_role"] == http["bad_part"] == http["bad_type"] == http["bad_parameter"] == 400
+    assert http["bad_json"] == 400 and http["bad_key"] == 401
+    assert http["unknown_model"] == http["no_route"] == 404
     with grpc.insecure_channel(cluster["router"].address) as ch:
         codes = _exercise(pb_grpc.InferenceStub(ch), auth(keys["pro"]), auth(f"lg_{CANARY}_{CANARY}"),
                           auth(keys["one"]))
@@ -150,6 +201,8 @@ def test_no_user_text_in_any_log(cluster):
         text = path.read_text(errors="replace")
         assert text.count("\n") > 20, f"{path.name}: suspiciously few log lines"
         assert CANARY.lower() not in text.lower(), f"{path.name} contains user text"
+    assert router.events("request_finished") and any(e.get("method") == "POST /v1/chat/completions"
+                                                       for e in router.events("request_finished"))
 
 
 def _exercise_worker(stub: wpb_grpc.WorkerStub) -> dict[str, grpc.StatusCode]:
