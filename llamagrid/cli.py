@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--replicas", type=int, default=2, help="worker replicas, each under its supervisor")
     u.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     u.add_argument("--port", type=int, default=50051, help="the router's port (0 picks a free one)")
+    u.add_argument("--http-port", type=int, default=8000,
+                   help="the router's OpenAI- and MosaicML-compatible HTTP API (0 picks a free one)")
     u.add_argument("--router-processes", type=int, default=1,
                    help="router processes sharing its port, one core each (python -m router --processes)")
     u.add_argument("--demo-only", action="store_true", help="exit after the demo")

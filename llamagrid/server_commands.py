@@ -72,4 +72,4 @@ def up(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else ensure_tiny_model()
     return up(model, replicas=args.replicas, tp=args.tp, port=args.port, demo_only=args.demo_only,
               log_level=args.log_level, is_tiny=args.model is None, metrics=args.metrics,
-              router_processes=args.router_processes)
+              router_processes=args.router_processes, http_port=args.http_port)

@@ -137,11 +137,13 @@ def metrics_url(port: int) -> str:
 
 def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_only: bool = False,
        log_level: str = "info", is_tiny: bool = True, startup_timeout_s: float = 900.0, metrics: bool = True,
-       router_processes: int = 1) -> int:
+       router_processes: int = 1, http_port: int = 8000) -> int:
     """`metrics`: the router, each worker and each supervisor serve Prometheus /metrics on free loopback ports
     (fixed for the run, so a worker keeps its port across supervised restarts); the URLs are printed.
     `router_processes`: the router's --processes (one by default: on one machine the workers' CPU, not the
-    router's, is what a local cluster runs out of, and every router process is one more to start)."""
+    router's, is what a local cluster runs out of, and every router process is one more to start).
+    `http_port`: the router's OpenAI- and MosaicML-compatible HTTP API (0: a free port, chosen here so it can be
+    printed)."""
     from ratelimit.redis_server import RedisServer
 
     if router_processes < 1:
@@ -181,10 +183,11 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
               f"{cluster.redis.url}; logs in {run_dir}", flush=True)
         ports = [cluster.wait_port(name, path, startup_timeout_s) for name, path in port_files.items()]
         key = _create_demo_key(cluster.redis.url, cluster.pepper)
+        http_port = http_port or free_ports(1)[0]
         router_file = cluster.spawn("router", [
             "-m", "router", "--port", str(port), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
             "--redis-url", cluster.redis.url, "--log-level", log_level, "--drain-grace", "10",
-            "--processes", str(router_processes), *metrics_args("router", 0)])
+            "--http-port", str(http_port), "--processes", str(router_processes), *metrics_args("router", 0)])
         router_port = cluster.wait_port("router", router_file, 60)
         address = f"127.0.0.1:{router_port}"
         processes = f" with {router_processes} processes" if router_processes > 1 else ""
@@ -192,7 +195,8 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
               f"{', '.join(f'127.0.0.1:{p}' for p in ports)}", flush=True)
         _demo_chat(address, key)
         print(f"first streamed reply {time.monotonic() - started:.1f} s after start", flush=True)
-        print(f"\n  address  {address}\n  API key  {key}   (tier {DEMO_TIER}; shown once)", flush=True)
+        print(f"\n  address  {address}\n  HTTP     http://127.0.0.1:{http_port}/v1  (OpenAI-compatible; MosaicML: "
+              f"http://127.0.0.1:{http_port}/<model>/v1)\n  API key  {key}   (tier {DEMO_TIER}; shown once)", flush=True)
         for i, (name, metrics_port) in enumerate(sorted(endpoints, key=lambda e: (e[0] != "router", e[0]))):
             print(f"  {'metrics' if i == 0 else '':7}  {name:18} {metrics_url(metrics_port)}", flush=True)
         print(f"\n  try:  LLAMAGRID_ADDRESS={address} LLAMAGRID_API_KEY={key} {_llamagrid()} chat\n", flush=True)

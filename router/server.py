@@ -115,7 +115,7 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None) -> 
         from router.http.server import HttpServer
 
         http = HttpServer(Edge(servicer, metrics, health.ready), config.host, config.http_port, config.reuse_port,
-                          config.drain_grace_s)
+                          config.drain_grace_s, config.tls_cert, config.tls_key)
     await server.start()
     if http is not None:
         await http.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 import uvicorn
 
@@ -14,12 +15,14 @@ from router.http.app import Edge, build_app
 
 
 class HttpServer:
-    def __init__(self, edge: Edge, host: str, port: int, reuse_port: bool = False, grace_s: float = 30.0) -> None:
+    def __init__(self, edge: Edge, host: str, port: int, reuse_port: bool = False, grace_s: float = 30.0,
+                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+        """With `tls_cert` and `tls_key` (the router's own, as its gRPC port uses), HTTPS."""
         self.sock = _listen(host, port, reuse_port)
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(build_app(edge), loop="none", http="httptools", lifespan="off", access_log=False,
                                 log_config=None, server_header=False, timeout_graceful_shutdown=grace_s,
-                                timeout_keep_alive=75)
+                                timeout_keep_alive=75, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         self.server = uvicorn.Server(config)
         self._ticks: asyncio.Task | None = None
 

@@ -41,8 +41,9 @@ def test_up_demo_only(tmp_path):
     """--demo-only: the demo chat, then every process stopped and status 0 (one replica: the two-replica cluster
     is the next test's; two router processes on one port: the next test runs one)."""
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0", "--replicas", "1",
-                           "--router-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "llamagrid", "up", "--demo-only", "--port", "0", "--http-port", "0",
+                           "--replicas", "1", "--router-processes", "2"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_started(proc.stdout, replicas=1)
     assert re.search(r"router serving llamagrid\.v1\.Inference on 127\.0\.0\.1:\d+ with 2 processes", proc.stdout)
@@ -54,7 +55,7 @@ def test_up_serves_metrics_until_ctrl_c(tmp_path):
     """`llamagrid up` (no --demo-only): while it serves, the printed router /metrics has counted the demo chat and
     the workers' and supervisors' endpoints answer; Ctrl-C (SIGINT) then stops everything with status 0."""
     env = {**os.environ, "LLAMAGRID_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "llamagrid", "up", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "llamagrid", "up", "--port", "0", "--http-port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -81,6 +82,14 @@ def test_up_serves_metrics_until_ctrl_c(tmp_path):
         assert sorted(finished) == [0, 1], "the demo chat's one turn ran on exactly one worker"
         for i in range(2):
             assert _value(_scrape(urls[f"worker{i} supervisor"]), "llamagrid_supervisor_group_starts_total", {}) == 1
+        # the HTTP API is on, with the same key: an OpenAI client's chat completion
+        import openai
+
+        base = re.search(r"HTTP +(http://127\.0\.0\.1:\d+/v1)", stdout).group(1)
+        key = re.search(r"API key +(lg_\S+)", stdout).group(1)
+        reply = openai.OpenAI(base_url=base, api_key=key, max_retries=0).chat.completions.create(
+            model="tiny-llama-2-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens > 0
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -344,6 +344,8 @@ def test_router_command_parses_and_builds_a_config(stack):
     assert config.host == "0.0.0.0" and config.port == ns.port == health_port(service)
     assert any(str(p).endswith(f":{ns.port}") for p in service["ports"]), "the router is the public entry"
     assert str(ns.port) in service["expose"]
+    # the HTTP API too: OpenAI- and MosaicML-compatible clients
+    assert config.http_port == 8000 and any(str(p).endswith(":8000") for p in service["ports"])
     assert config.key_pepper and config.internal_token
     assert service["restart"] == "unless-stopped" and service["init"] is True
     assert float(service["stop_grace_period"].rstrip("s")) > config.drain_grace_s
@@ -477,7 +479,8 @@ def test_every_process_serves_metrics_on_a_fixed_exposed_port(stack):
         grpc_port = health_port(service)
         assert grpc_port not in ports
         expose = {int(str(p).split("/")[0]) for p in service["expose"]}
-        assert {grpc_port, *ports} == expose, f"{name}: expose exactly the gRPC and metrics ports"
+        http = {8000} if name == "router" else set()  # the router's HTTP API (--http-port)
+        assert {grpc_port, *ports, *http} == expose, f"{name}: expose exactly the gRPC, HTTP and metrics ports"
     for name in WORKERS:
         supervisor, worker_args = parse_worker(command(services[name]))
         worker = worker_parser().parse_args(worker_args)

@@ -335,11 +335,15 @@ def test_router_port_probes_and_grace() -> None:
     pod = _pod_spec("Deployment", "llamagrid-router")
     container = _container("Deployment", "llamagrid-router", "router")
     assert args.port in {p["containerPort"] for p in container["ports"]}
-    for kind in ("readinessProbe", "livenessProbe"):
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == args.http_port
+    for kind, path in (("readinessProbe", "/health/ready"), ("livenessProbe", "/health/live")):
         probe = container[kind]
         if args.tls_cert is not None:
             assert "grpc" not in probe, "Kubernetes' gRPC probes are plaintext: they fail against a TLS port"
-        assert (probe.get("grpc") or probe.get("tcpSocket"))["port"] == args.port
+        # the HTTP API's own probes, over HTTPS when the router has a certificate
+        assert probe["httpGet"]["path"] == path and ports[probe["httpGet"]["port"]] == args.http_port
+        assert probe["httpGet"]["scheme"] == ("HTTPS" if args.tls_cert is not None else "HTTP")
     assert pod["terminationGracePeriodSeconds"] >= _prestop_sleep(container) + args.drain_grace + 5
 
 
@@ -499,9 +503,10 @@ def test_network_policies_admit_prometheus_to_the_metrics_ports_only() -> None:
         for rule in rules:
             assert all("port" in p for p in rule.get("ports", [])), f"{name}: a rule opens every port"
     # the client port stays open to everyone: the router is the public entry
-    router_port = _router_args().port
     router_rules = [rule for p in _policies_for("llamagrid-router") for rule in p["spec"]["ingress"]]
-    assert any(not rule.get("from") and router_port in {p["port"] for p in rule["ports"]} for rule in router_rules)
+    for router_port in (_router_args().port, _router_args().http_port):
+        assert any(not rule.get("from") and router_port in {p["port"] for p in rule["ports"]}
+                   for rule in router_rules)
     # the worker's gRPC port: routers only
     worker_port = _worker_parts()[1].port
     for rule in [r for p in _policies_for("llamagrid-worker") for r in p["spec"]["ingress"]]:
