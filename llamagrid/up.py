@@ -196,7 +196,8 @@ def up(model: Path, *, replicas: int = 2, tp: int = 1, port: int = 50051, demo_o
         _demo_chat(address, key)
         print(f"first streamed reply {time.monotonic() - started:.1f} s after start", flush=True)
         print(f"\n  address  {address}\n  HTTP     http://127.0.0.1:{http_port}/v1  (OpenAI-compatible; MosaicML: "
-              f"http://127.0.0.1:{http_port}/<model>/v1)\n  API key  {key}   (tier {DEMO_TIER}; shown once)", flush=True)
+              f"http://127.0.0.1:{http_port}/<model>/v1)\n  API key  {key}   (tier {DEMO_TIER}; shown once)",
+              flush=True)
         for i, (name, metrics_port) in enumerate(sorted(endpoints, key=lambda e: (e[0] != "router", e[0]))):
             print(f"  {'metrics' if i == 0 else '':7}  {name:18} {metrics_url(metrics_port)}", flush=True)
         print(f"\n  try:  LLAMAGRID_ADDRESS={address} LLAMAGRID_API_KEY={key} {_llamagrid()} chat\n", flush=True)

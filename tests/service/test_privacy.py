@@ -1,7 +1,7 @@
 """Nothing a user sends or gets back reaches a log: a canary string goes through every RPC of the router, every
-route of its HTTP edge, and every RPC of a worker's Worker API, in success and failure paths, with every process at debug level (gRPC's own verbosity too), and
-must not appear in any log line, in any case. A real worker (it is its logging that is checked), the session's one
-that requires the internal token, behind a real router process."""
+route of its HTTP edge, and every RPC of a worker's Worker API, in success and failure paths, with every process at
+debug level (gRPC's own verbosity too), and must not appear in any log line, in any case. A real worker (it is its
+logging that is checked), the session's one that requires the internal token, behind a real router process."""
 
 from __future__ import annotations
 

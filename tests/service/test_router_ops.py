@@ -8,6 +8,7 @@ import os
 
 import grpc
 import pytest
+import requests
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -19,7 +20,7 @@ from protos.llamagrid.worker.v1 import worker_pb2 as wpb
 from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from router.config import RouterConfig
 from tests.support.fake_model import Script
-from tests.support.router import RouterProcess, auth, create_keys, router_in_thread, wait_routable
+from tests.support.router import RouterProcess, auth, create_keys, router_in_thread, serve_router, wait_routable
 from tests.support.waits import wait_until
 from tests.support.workers import INTERNAL_TOKEN as TOKEN
 
@@ -140,9 +141,19 @@ def test_tls_client_port(redis_server, worker, key, tmp_path):
     cert.private_key_pem.write_to_path(str(key_path))
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
     config = RouterConfig(port=0, workers=worker.address, redis_url=redis_server.url, internal_token=TOKEN,
-                          tls_cert=cert_path, tls_key=key_path, drain_grace_s=0.0)
-    with router_in_thread(config, num_workers=1) as address:
+                          tls_cert=cert_path, tls_key=key_path, drain_grace_s=0.0, http_port=0)
+    with serve_router(config, num_workers=1) as router:
+        address = router.address
         port = address.rsplit(":", 1)[1]
+        # the HTTP API speaks HTTPS with the same certificate
+        http_port = router.http_url.rsplit(":", 1)[1]
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        reply = requests.get(f"https://localhost:{http_port}/v1/models", verify=str(ca_file), timeout=10,
+                             headers={"authorization": f"Bearer {key}"})
+        assert reply.status_code == 200 and len(reply.json()["data"]) == 1
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=5)
         creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
         with grpc.secure_channel(f"localhost:{port}", creds) as ch:
             models = pb_grpc.InferenceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth(key), timeout=10)
