@@ -38,8 +38,8 @@ GREEDY = pb.SamplingParameters(max_new_tokens=12, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def keys(redis_server) -> dict[str, str]:
-    made = new_keys(redis_server.url, {"gen": "gen", "quick": "quick", "shared": "shared", "shared2": "shared"},
-                    prefix="http")
+    made = new_keys(redis_server.url, {"gen": "gen", "quick": "quick", "shared": "shared",
+                                       "elsewhere": ("gen", ["another-model"])}, prefix="http")
     return {name: k.plaintext for name, k in made.items()}
 
 
@@ -123,6 +123,10 @@ def test_errors_are_openai_errors_naming_the_field(router, client, model, keys):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert err.value.body["code"] == "not_found"
+    with pytest.raises(openai.PermissionDeniedError) as err:  # a key for other models only
+        openai.OpenAI(base_url=f"{router.http_url}/v1", api_key=keys["elsewhere"], max_retries=0).completions.create(
+            model=model, prompt="hi", max_tokens=2)
+    assert err.value.status_code == 403 and err.value.body["type"] == "permission_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="lg_nope", max_retries=0).models.list()
     request = urllib.request.Request(f"{router.http_url}/v1/chat/completions", data=b"{not json", method="POST",
