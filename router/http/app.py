@@ -73,13 +73,20 @@ class Edge:
     def __init__(self, servicer: RouterServicer, metrics: RouterMetrics, ready: Callable[[], bool]) -> None:
         self.servicer, self.metrics, self.ready = servicer, metrics, ready
 
-    def refused(self, request: Request, error: ServiceError, exchange: Exchange | None = None) -> Response:
+    def call(self, request: Request, make: Callable[[], Exchange]) -> Response:
+        """The response that runs the request's exchange (`make()` translates the body; a field it refuses is a 400
+        at once)."""
+        try:
+            exchange = make()
+        except ServiceError as error:
+            return self.refused(request, error)
+        return CallResponse(self, request, exchange, "stream" if exchange.stream else "unary")
+
+    def refused(self, request: Request, error: ServiceError) -> Response:
         """A request refused before it reached a call body (a field out of range)."""
         status = http_status(error.status)
-        body = exchange.error(status, error.status, error.message) if exchange else error_body(
-            status, error.status, error.message)
         self.metrics.http_request(_route(request), status, 0.0)
-        return _simple(status, body)
+        return _simple(status, error_body(status, error.status, error.message))
 
 
 class CallResponse(Response):
@@ -212,19 +219,11 @@ def build_app(edge: Edge) -> FastAPI:
 
     @app.post("/v1/chat/completions", summary="OpenAI chat completions (streamed as server-sent events)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        try:
-            exchange = chat_exchange(body)
-        except ServiceError as error:
-            return edge.refused(request, error)
-        return CallResponse(edge, request, exchange, "stream" if exchange.stream else "unary")
+        return edge.call(request, lambda: chat_exchange(body))
 
     @app.post("/v1/completions", summary="OpenAI completions (streamed as server-sent events)")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        try:
-            exchange = completion_exchange(body)
-        except ServiceError as error:
-            return edge.refused(request, error)
-        return CallResponse(edge, request, exchange, "stream" if exchange.stream else "unary")
+        return edge.call(request, lambda: completion_exchange(body))
 
     @app.get("/v1/models", summary="OpenAI models: those the router's healthy workers serve")
     async def models(request: Request) -> Response:
@@ -234,19 +233,11 @@ def build_app(edge: Edge) -> FastAPI:
 
     @app.post("/{model}/v1/predict", summary="MosaicML predict: one output per input")
     async def predict(model: str, body: PredictRequest, request: Request) -> Response:
-        try:
-            exchange = predict_exchange(model, body, stream=False)
-        except ServiceError as error:
-            return edge.refused(request, error)
-        return CallResponse(edge, request, exchange, "unary")
+        return edge.call(request, lambda: predict_exchange(model, body, stream=False))
 
     @app.post("/{model}/v1/predict_stream", summary="MosaicML predict, streamed as newline-delimited JSON")
     async def predict_stream(model: str, body: PredictRequest, request: Request) -> Response:
-        try:
-            exchange = predict_exchange(model, body, stream=True)
-        except ServiceError as error:
-            return edge.refused(request, error)
-        return CallResponse(edge, request, exchange, "stream")
+        return edge.call(request, lambda: predict_exchange(model, body, stream=True))
 
     # ---- probes
 

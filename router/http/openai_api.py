@@ -238,6 +238,15 @@ class _OpenAIStream(Exchange):
     def stream_error(self, error: bytes) -> bytes:
         return b"data: " + error + b"\n\n"
 
+    def _whole(self, kind: str, response: pb.GenerateResponse, content) -> bytes:
+        """A non-streamed reply: one choice per output, `content(output)` its text part, usage over all."""
+        return _DUMPS({"id": f"{self.id_prefix}{self.request_id}", "object": kind, "created": self.created,
+                       "model": self.model,
+                       "choices": [{"index": i, **content(out), "logprobs": None,
+                                    "finish_reason": FINISH.get(out.finish_reason, "stop")}
+                                   for i, out in enumerate(response.outputs)],
+                       "usage": usage_json(_sum_usage(o.usage for o in response.outputs))}).encode()
+
 
 class ChatStream(_OpenAIStream):
     kind = "chat.completion.chunk"
@@ -260,12 +269,8 @@ class ChatStream(_OpenAIStream):
                 f'"finish_reason":{finish}}}]}}\n\n').encode()
 
     def unary(self, response: pb.GenerateResponse) -> bytes:
-        return _DUMPS({"id": f"chatcmpl-{self.request_id}", "object": "chat.completion", "created": self.created,
-                       "model": self.model,
-                       "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
-                                    "logprobs": None, "finish_reason": FINISH.get(out.finish_reason, "stop")}
-                                   for i, out in enumerate(response.outputs)],
-                       "usage": usage_json(_sum_usage(o.usage for o in response.outputs))}).encode()
+        return self._whole("chat.completion", response, lambda out: {
+            "message": {"role": "assistant", "content": out.text}})
 
 
 class CompletionStream(_OpenAIStream):
@@ -281,12 +286,7 @@ class CompletionStream(_OpenAIStream):
                 f'"finish_reason":{finish}}}]}}\n\n').encode()
 
     def unary(self, response: pb.GenerateResponse) -> bytes:
-        return _DUMPS({"id": f"cmpl-{self.request_id}", "object": "text_completion", "created": self.created,
-                       "model": self.model,
-                       "choices": [{"index": i, "text": out.text, "logprobs": None,
-                                    "finish_reason": FINISH.get(out.finish_reason, "stop")}
-                                   for i, out in enumerate(response.outputs)],
-                       "usage": usage_json(_sum_usage(o.usage for o in response.outputs))}).encode()
+        return self._whole("text_completion", response, lambda out: {"text": out.text})
 
 
 def models_json(models: pb.ListModelsResponse) -> bytes:
