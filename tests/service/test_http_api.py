@@ -186,6 +186,13 @@ def test_mcli_predict_streamed_and_not(router, model, keys, monkeypatch, tmp_pat
     with pytest.raises(InferenceServerException) as err:
         predict(url, {"inputs": [prompt], "parameters": {"nonsense": 1}})
     assert err.value.status == 400 and "parameters.nonsense" in str(err.value)
+    # what does not fit is a 4xx naming the limit: a prompt past the context, a budget past the key's tier
+    with pytest.raises(InferenceServerException) as err:
+        predict(url, {"inputs": ["word " * 6000], "parameters": params})
+    assert err.value.status == 400 and "inputs[0]" in str(err.value) and "context" in str(err.value), str(err.value)
+    with pytest.raises(InferenceServerException) as err:
+        predict(url, {"inputs": [prompt], "parameters": {"max_new_tokens": 20_000_000}})
+    assert err.value.status == 400 and "at most 10000000" in str(err.value), str(err.value)
 
 
 def test_probes_and_openapi_schema(router):
