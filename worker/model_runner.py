@@ -79,6 +79,7 @@ class ModelRunner:
             [s.params for s in sampling],
             [s.token_ids for s in sampling],
             [s.num_output_tokens for s in sampling],
+            [s.eos_token_ids for s in sampling],
         )
         return {s.request_id: t for s, t in zip(sampling, token_ids, strict=True)}
 

@@ -1,4 +1,5 @@
-"""Batched next-token sampling with per-request repetition penalty, temperature, top-k, top-p and seed."""
+"""Batched next-token sampling with per-request penalties (repetition, presence, frequency), min_new_tokens,
+temperature, top-k, top-p and seed."""
 
 from __future__ import annotations
 
@@ -18,23 +19,18 @@ def sample(
     params: Sequence[SamplingParams],
     token_histories: Sequence[Sequence[int]],
     output_indices: Sequence[int],
+    eos_token_ids: Sequence[frozenset[int]] | None = None,
 ) -> list[int]:
     """Pick one token per row of logits [N, V] (fp32).
 
-    token_histories[i] holds row i's prompt + output ids (for the repetition penalty); output_indices[i]
-    counts the tokens row i already generated. A seeded row draws its randomness from (seed,
-    output_index) only, so it samples the same tokens alone, in any batch, and after recompute.
+    token_histories[i] holds row i's prompt + output ids (for the penalties); output_indices[i] counts the tokens
+    row i already generated (its last output_indices[i] history ids); eos_token_ids[i] are the ids min_new_tokens
+    keeps out. A seeded row draws its randomness from (seed, output_index) only, so it samples the same tokens
+    alone, in any batch, and after recompute.
     """
-    if all(p.is_greedy and p.repetition_penalty == 1.0 for p in params):
+    if all(p.is_greedy and p.plain for p in params):
         return logits.argmax(dim=-1).tolist()  # hot path: plain greedy batch
-    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if penalized:
-        logits = logits.clone()
-        rows = torch.tensor(penalized, device=logits.device)
-        histories = [token_histories[i] for i in penalized]
-        logits[rows] = apply_repetition_penalty(
-            logits[rows], histories, [params[i].repetition_penalty for i in penalized]
-        )
+    logits = apply_penalties(logits, params, token_histories, output_indices, eos_token_ids)
     token_ids = logits.argmax(dim=-1)
     sampling = [i for i, p in enumerate(params) if not p.is_greedy]
     if sampling:
@@ -43,6 +39,58 @@ def sample(
             logits[rows], [params[i] for i in sampling], [output_indices[i] for i in sampling]
         )
     return token_ids.tolist()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    token_histories: Sequence[Sequence[int]],
+    output_indices: Sequence[int],
+    eos_token_ids: Sequence[frozenset[int]] | None = None,
+) -> torch.Tensor:
+    """The logits each row's parameters modify, in vLLM's order: end-of-sequence masked while min_new_tokens are
+    not reached, then the repetition penalty (prompt and output, as transformers applies it), then the frequency
+    and presence penalties (output tokens only). Returns the input itself when no row modifies anything."""
+    masked = [i for i, p in enumerate(params)
+              if output_indices[i] < p.min_new_tokens and eos_token_ids is not None and eos_token_ids[i]]
+    repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    counted = [i for i, p in enumerate(params)
+               if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and output_indices[i] > 0]
+    if not (masked or repeated or counted):
+        return logits
+    logits = logits.clone()
+    for i in masked:
+        logits[i, sorted(eos_token_ids[i])] = -float("inf")
+    if repeated:
+        rows = torch.tensor(repeated, device=logits.device)
+        logits[rows] = apply_repetition_penalty(
+            logits[rows], [token_histories[i] for i in repeated], [params[i].repetition_penalty for i in repeated]
+        )
+    if counted:
+        rows = torch.tensor(counted, device=logits.device)
+        outputs = [token_histories[i][len(token_histories[i]) - output_indices[i]:] for i in counted]
+        logits[rows] = apply_output_penalties(
+            logits[rows], outputs, [params[i].presence_penalty for i in counted],
+            [params[i].frequency_penalty for i in counted]
+        )
+    return logits
+
+
+def apply_output_penalties(
+    logits: torch.Tensor, outputs: Sequence[Sequence[int]], presence: Sequence[float], frequency: Sequence[float]
+) -> torch.Tensor:
+    """vLLM's presence and frequency penalties: each token's logit minus frequency times its count in the row's
+    output, minus presence once if it occurs there at all. Returns new logits [N, V]."""
+    num_rows, vocab_size = logits.shape
+    width = max(1, max(len(o) for o in outputs))
+    ids = torch.tensor([[*o, *[vocab_size] * (width - len(o))] for o in outputs], dtype=torch.long)
+    ids = ids.to(logits.device).clamp_(max=vocab_size)
+    counts = torch.zeros((num_rows, vocab_size + 1), dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    counts = counts[:, :vocab_size]
+    freq = torch.tensor(frequency, dtype=logits.dtype, device=logits.device)[:, None]
+    pres = torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None]
+    return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
 
 def apply_repetition_penalty(

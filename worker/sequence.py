@@ -34,10 +34,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0  # 1 = off
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # 0 = off; over the output tokens only (vLLM's semantics)
+    frequency_penalty: float = 0.0  # 0 = off
+    min_new_tokens: int = 0  # no end-of-sequence token before this many output tokens
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """Whether the logits go to sampling untouched (no penalty, no min_new_tokens)."""
+        return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
+                and self.min_new_tokens == 0)
 
 
 _arrival = itertools.count()

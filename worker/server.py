@@ -39,7 +39,8 @@ def parameters_from_pb(p: pb.SamplingParameters) -> RequestedParameters:
     return RequestedParameters(
         max_new_tokens=opt("max_new_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
         top_k=opt("top_k"), seed=opt("seed"), stop=tuple(p.stop), repetition_penalty=opt("repetition_penalty"),
-        ignore_eos=p.ignore_eos,
+        ignore_eos=p.ignore_eos, presence_penalty=opt("presence_penalty"), frequency_penalty=opt("frequency_penalty"),
+        min_new_tokens=opt("min_new_tokens"),
     )
 
 

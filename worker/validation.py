@@ -36,6 +36,9 @@ class RequestedParameters:
     stop: tuple[str, ...] = ()
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_new_tokens: int | None = None
 
 
 def _finite(value: float, field: str) -> float:
@@ -62,6 +65,17 @@ def check_parameters(p: RequestedParameters, limits: Limits, prefix: str = "para
             raise InvalidRequest(f"{prefix}.top_p", "must be in (0, 1]")
     if p.repetition_penalty is not None and _finite(p.repetition_penalty, f"{prefix}.repetition_penalty") <= 0:
         raise InvalidRequest(f"{prefix}.repetition_penalty", "must be > 0 (1 disables it)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if value is not None and not -2.0 <= _finite(value, f"{prefix}.{name}") <= 2.0:
+            raise InvalidRequest(f"{prefix}.{name}", f"must be in [-2, 2] (0 disables it), got {value:g}")
+    if p.min_new_tokens is not None:
+        if p.min_new_tokens > limits.max_context:
+            raise InvalidRequest(f"{prefix}.min_new_tokens",
+                                 f"{p.min_new_tokens} is above the model's context of {limits.max_context} tokens")
+        if p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens:
+            raise InvalidRequest(f"{prefix}.min_new_tokens",
+                                 f"{p.min_new_tokens} is above max_new_tokens ({p.max_new_tokens})")
     if p.seed is not None and p.seed > MAX_SEED:
         raise InvalidRequest(f"{prefix}.seed", f"must be at most {MAX_SEED}")
     if len(p.stop) > limits.max_stop_strings:
@@ -123,6 +137,9 @@ def resolve_parameters(
         stop=p.stop,
         repetition_penalty=defaults.repetition_penalty if p.repetition_penalty is None else p.repetition_penalty,
         ignore_eos=p.ignore_eos,
+        presence_penalty=p.presence_penalty or 0.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        min_new_tokens=p.min_new_tokens or 0,
     )
 
 

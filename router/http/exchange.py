@@ -11,7 +11,8 @@ MAX_UINT32 = (1 << 32) - 1  # the largest max_new_tokens or top_k the wire forma
 
 
 def sampling(*, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None, stop=None,
-             repetition_penalty=None, ignore_eos=None) -> pb.SamplingParameters:
+             repetition_penalty=None, ignore_eos=None, presence_penalty=None, frequency_penalty=None,
+             min_new_tokens=None) -> pb.SamplingParameters:
     """SamplingParameters with only the fields given (unset ones take the model's defaults). A seed of any
     integer is accepted, as OpenAI's is, and reduced to the 64 bits the workers take."""
     params = pb.SamplingParameters()
@@ -31,6 +32,12 @@ def sampling(*, max_new_tokens=None, temperature=None, top_p=None, top_k=None, s
         params.repetition_penalty = repetition_penalty
     if ignore_eos:
         params.ignore_eos = True
+    if presence_penalty is not None:
+        params.presence_penalty = presence_penalty
+    if frequency_penalty is not None:
+        params.frequency_penalty = frequency_penalty
+    if min_new_tokens is not None:
+        params.min_new_tokens = min_new_tokens
     return params
 
 

@@ -22,14 +22,17 @@ from router.http.openai_api import FINISH, usage_json
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # parameters honoured (name -> SamplingParameters field, checked by the router and the workers)
 PARAMETERS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-              "seed": "seed", "stop": "stop", "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos"}
+              "seed": "seed", "stop": "stop", "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos",
+              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+              "min_new_tokens": "min_new_tokens"}
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     inputs: list[str] | str = Field(..., description="Prompts, each completed independently (one to stream).")
     parameters: dict[str, Any] = Field(default_factory=dict, description="max_new_tokens, temperature, top_p, top_k, "
-                                       "seed, stop, repetition_penalty, ignore_eos, do_sample, n (1).")
+                                       "seed, stop, repetition_penalty, ignore_eos, presence_penalty, "
+                                       "frequency_penalty, min_new_tokens, do_sample, n (1).")
 
 
 def _parameters(raw: dict[str, Any]) -> pb.SamplingParameters:
@@ -45,8 +48,7 @@ def _parameters(raw: dict[str, Any]) -> pb.SamplingParameters:
             if not value:
                 values["temperature"] = 0.0
         elif name not in PARAMETERS:
-            raise InvalidRequest(field, "is not a known parameter (max_new_tokens, temperature, top_p, top_k, seed, "
-                                        "stop, repetition_penalty, ignore_eos, do_sample, n)")
+            raise InvalidRequest(field, f"is not a known parameter ({', '.join(PARAMETERS)}, do_sample, n)")
         elif value is None:
             continue
         elif name == "stop":
@@ -58,7 +60,7 @@ def _parameters(raw: dict[str, Any]) -> pb.SamplingParameters:
             if not isinstance(value, bool):
                 raise InvalidRequest(field, "must be true or false")
             values["ignore_eos"] = value
-        elif name in ("max_new_tokens", "top_k", "seed"):
+        elif name in ("max_new_tokens", "top_k", "seed", "min_new_tokens"):
             if isinstance(value, bool) or not isinstance(value, int) or (
                     name != "seed" and not 0 <= value <= MAX_UINT32):
                 raise InvalidRequest(field, "must be a non-negative integer" if name != "seed" else "must be an "

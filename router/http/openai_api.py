@@ -52,13 +52,16 @@ class _Common(_Open):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored (never logged).")
-    presence_penalty: float | None = Field(None, description="Only 0.")
-    frequency_penalty: float | None = Field(None, description="Only 0.")
+    presence_penalty: float | None = Field(None, description="-2 to 2: subtracted once from every token the "
+                                           "completion already contains.")
+    frequency_penalty: float | None = Field(None, description="-2 to 2: subtracted per occurrence in the completion.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
     # llamagrid's own sampling controls (vLLM takes the same names as extra fields)
     top_k: int | None = Field(None, description="llamagrid: keep the k most likely tokens; 0 disables.")
     repetition_penalty: float | None = Field(None, description="llamagrid: > 0; 1 disables.")
     ignore_eos: bool | None = Field(None, description="llamagrid: keep generating past end-of-sequence.")
+    min_tokens: int | None = Field(None, description="llamagrid (vLLM's name): no end-of-sequence before this many "
+                                   "tokens.")
 
 
 class ChatCompletionRequest(_Common):
@@ -87,8 +90,11 @@ def _refuse_unsupported(body: _Common) -> None:
     if body.n not in (None, 1):
         raise InvalidRequest("n", "only n=1 is supported")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0):
-            raise InvalidRequest(name, "only 0 is supported")
+        value = getattr(body, name)
+        if value is not None and not -2 <= value <= 2:
+            raise InvalidRequest(name, f"must be between -2 and 2, got {value:g}")
+    if body.min_tokens is not None and not 0 <= body.min_tokens <= MAX_UINT32:
+        raise InvalidRequest("min_tokens", "must be a non-negative integer")
     if body.logit_bias:
         raise InvalidRequest("logit_bias", "is not supported")
     if body.temperature is not None and not 0 <= body.temperature <= 2:
@@ -106,7 +112,9 @@ def _refuse_unsupported(body: _Common) -> None:
 def _parameters(body: _Common, max_tokens: int | None) -> pb.SamplingParameters:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return sampling(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                    seed=body.seed, stop=stop, repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+                    seed=body.seed, stop=stop, repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    min_new_tokens=body.min_tokens)
 
 
 def _include_usage(body: _Common) -> bool:
@@ -139,7 +147,9 @@ def _messages(messages: list[Message]) -> list[pb.ChatMessage]:
 _PARAMETER_RENAMES: Renames = (
     ("parameters.max_new_tokens", "max_tokens"), ("parameters.temperature", "temperature"),
     ("parameters.top_p", "top_p"), ("parameters.top_k", "top_k"), ("parameters.seed", "seed"),
-    ("parameters.stop", "stop"), ("parameters.repetition_penalty", "repetition_penalty"), ("parameters", "body"))
+    ("parameters.stop", "stop"), ("parameters.repetition_penalty", "repetition_penalty"),
+    ("parameters.presence_penalty", "presence_penalty"), ("parameters.frequency_penalty", "frequency_penalty"),
+    ("parameters.min_new_tokens", "min_tokens"), ("parameters", "body"))
 
 
 def chat_exchange(body: ChatCompletionRequest) -> Exchange:

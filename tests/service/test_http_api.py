@@ -92,6 +92,18 @@ def test_chat_completions_match_grpc_streamed_and_not(router, client, model, key
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
 
 
+def test_penalties_pass_through_to_the_engine(router, client, model, keys):
+    params = pb.SamplingParameters(max_new_tokens=12, temperature=0.0, presence_penalty=1.5, frequency_penalty=2.0,
+                                   min_new_tokens=6)
+    expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=["Once upon"],
+                                                                     parameters=params)).outputs[0]
+    plain = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=["Once upon"],
+                                                                  parameters=GREEDY)).outputs[0]
+    reply = client.completions.create(model=model, prompt="Once upon", max_tokens=12, temperature=0,
+                                      presence_penalty=1.5, frequency_penalty=2.0, extra_body={"min_tokens": 6})
+    assert reply.choices[0].text == expected.text != plain.text
+
+
 def test_completions_one_or_many_prompts_and_models(router, client, model, keys):
     prompts = ["The capital of France is", "Once upon a time"]
     expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=prompts,
@@ -108,6 +120,9 @@ def test_errors_are_openai_errors_naming_the_field(router, client, model, keys):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=MESSAGES, temperature=3)
     assert err.value.status_code == 400 and err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, presence_penalty=2.5)
+    assert err.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=MESSAGES, n=2)
     assert err.value.body["param"] == "n"

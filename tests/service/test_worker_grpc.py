@@ -281,6 +281,10 @@ BAD_JOBS = [
     (dict(text="ok", parameters=params(repetition_penalty=0.0)), "job.parameters.repetition_penalty"),
     (dict(text="ok", parameters=params(repetition_penalty=-1.0)), "job.parameters.repetition_penalty"),
     (dict(text="ok", parameters=params(stop=[f"s{i}" for i in range(17)])), "job.parameters.stop"),
+    (dict(text="ok", parameters=params(presence_penalty=2.5)), "job.parameters.presence_penalty"),
+    (dict(text="ok", parameters=params(frequency_penalty=-3.0)), "job.parameters.frequency_penalty"),
+    (dict(text="ok", parameters=params(frequency_penalty=math.inf)), "job.parameters.frequency_penalty"),
+    (dict(text="ok", parameters=params(max_new_tokens=4, min_new_tokens=5)), "job.parameters.min_new_tokens"),
     (dict(text="x" * 200_000), "job.text"),
     (dict(text="ok", request_id=""), "job.request_id"),
 ]

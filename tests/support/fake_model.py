@@ -200,6 +200,9 @@ def _check_parameters(p: pb.SamplingParameters, script: Script, prefix: str) -> 
         raise invalid(f"{prefix}.temperature", "must be >= 0 (0 means greedy)")
     if p.HasField("top_p") and not 0.0 < p.top_p <= 1.0:
         raise invalid(f"{prefix}.top_p", "must be in (0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if p.HasField(name) and not -2.0 <= getattr(p, name) <= 2.0:
+            raise invalid(f"{prefix}.{name}", f"must be in [-2, 2] (0 disables it), got {getattr(p, name):g}")
     for i, s in enumerate(p.stop):
         if not s:
             raise invalid(f"{prefix}.stop[{i}]", "must not be empty")

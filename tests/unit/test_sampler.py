@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from worker.sampler import apply_repetition_penalty, apply_top_k, apply_top_p, sample, token_seed
+from worker.sampler import apply_penalties, apply_repetition_penalty, apply_top_k, apply_top_p, sample, token_seed
 from worker.sequence import SamplingParams
 
 VOCAB = 97
@@ -176,3 +176,35 @@ def test_unseeded_sampling_varies_and_stays_in_range():
     drawn = {sample(logits, [SamplingParams(temperature=1.0)], [[]], [0])[0] for _ in range(40)}
     assert len(drawn) > 5
     assert all(0 <= t < 50 for t in drawn)
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only():
+    """vLLM's semantics: logit - frequency * count - presence * (count > 0), counted over the row's output only."""
+    logits = _logits(3, seed=21)
+    histories = [[5, 6, 7, 8, 8, 9], [1, 2, 3], [4, 4, 4, 4]]
+    outputs = [2, 0, 3]  # the last 2 of row 0 (8, 9), none of row 1, the last 3 of row 2 (4, 4, 4)
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=1.5), SamplingParams(presence_penalty=2.0),
+              SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5)]
+    got = apply_penalties(logits, params, histories, outputs)
+    want = logits.clone()
+    want[0, 8] -= 1.5 + 0.5
+    want[0, 9] -= 1.5 + 0.5
+    want[2, 4] -= -0.5 * 3 - 1.0
+    assert torch.allclose(got, want) and got[1].equal(logits[1])
+
+
+@pytest.mark.parametrize("generated", [0, 3, 4, 9])
+def test_min_new_tokens_matches_transformers(generated):
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    logits = _logits(2, seed=22)
+    prompt = [9, 8, 7]
+    history = prompt + list(range(10, 10 + generated))
+    processor = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=len(prompt), min_new_tokens=4,
+                                                  eos_token_id=[2, 5])
+    want = processor(torch.tensor([history, history]), logits.clone())
+    got = apply_penalties(logits, [SamplingParams(min_new_tokens=4)] * 2, [history] * 2, [generated] * 2,
+                          [frozenset({2, 5})] * 2)
+    assert torch.equal(got, want)
+    assert sample(logits, [SamplingParams(min_new_tokens=4)] * 2, [history] * 2, [generated] * 2,
+                  [frozenset({2, 5})] * 2) == want.argmax(dim=-1).tolist()
