@@ -92,7 +92,7 @@ class ChatCall:
                 elif index is None:
                     await self._start_turn(item.turn)
                 elif item.HasField("delta"):
-                    yield pb.ChatEvent(delta=pb.ChatDelta(text=item.delta.text, token_ids=item.delta.token_ids))
+                    yield pb.ChatEvent(delta=_chat_delta(item.delta))
                 else:
                     async for event in self._end_turn(item.finished):
                         yield event
@@ -173,7 +173,7 @@ class ChatCall:
 
     async def _end_turn(self, fin: wpb.Finished) -> AsyncIterator[pb.ChatEvent]:
         if fin.last_delta.token_ids or fin.last_delta.text:
-            yield pb.ChatEvent(delta=pb.ChatDelta(text=fin.last_delta.text, token_ids=fin.last_delta.token_ids))
+            yield pb.ChatEvent(delta=_chat_delta(fin.last_delta))
         self.session.history = list(fin.history_token_ids)
         await self.turn
         self.follow_ups.close()  # half-close the finished turn's worker stream (ends its reader)
@@ -201,3 +201,10 @@ class ChatCall:
         # both are awaited: a task left pending or with an unread exception would be reported by asyncio
         await asyncio.gather(reader, *([self.turn] if self.turn is not None else []), return_exceptions=True)
         self.admission.settle(self.record)
+
+
+def _chat_delta(delta: wpb.TokenDelta) -> pb.ChatDelta:
+    out = pb.ChatDelta(text=delta.text, token_ids=delta.token_ids)
+    if delta.logprobs:
+        out.logprobs.extend(delta.logprobs)
+    return out

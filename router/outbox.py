@@ -36,6 +36,8 @@ class Outbox:
             if pending is not None:
                 pending.delta.text += event.delta.text
                 pending.delta.token_ids.extend(event.delta.token_ids)
+                if event.delta.logprobs:
+                    pending.delta.logprobs.extend(event.delta.logprobs)
                 self.merged += 1
                 return
             self._open[index] = event

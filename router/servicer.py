@@ -74,6 +74,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     record.add_usage(fin.usage)
                 texts[index].append(delta.text)
                 outputs[index].token_ids.extend(delta.token_ids)
+                if delta.logprobs:
+                    outputs[index].logprobs.extend(delta.logprobs)
             for out, parts in zip(outputs, texts, strict=True):
                 out.text = "".join(parts)
             return pb.GenerateResponse(outputs=outputs)
@@ -91,13 +93,16 @@ class RouterServicer(pb_grpc.InferenceServicer):
             async for index, event in jobs.events():
                 if event.HasField("delta"):
                     delta = event.delta
-                    await write(pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids))
+                    chunk = pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids)
                 else:
                     fin = event.finished
                     record.add_usage(fin.usage)
-                    await write(pb.GenerateChunk(index=index, text=fin.last_delta.text,
-                                                 token_ids=fin.last_delta.token_ids,
-                                                 finish_reason=fin.finish_reason, usage=fin.usage))
+                    delta = fin.last_delta
+                    chunk = pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids,
+                                             finish_reason=fin.finish_reason, usage=fin.usage)
+                if delta.logprobs:
+                    chunk.logprobs.extend(delta.logprobs)
+                await write(chunk)
         finally:
             await self.relay.close(jobs)
             self.admission.settle(record)

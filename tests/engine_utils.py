@@ -16,6 +16,7 @@ from worker.sequence import FinishReason, SamplingParams
 class Result:
     deltas: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprobs, when the request asked
     finish: FinishEvent | None = None
     error: ErrorEvent | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -33,6 +34,7 @@ class Result:
             if isinstance(e, TokenEvent):
                 self.deltas.append(e.text)
                 self.token_ids.extend(e.token_ids)
+                self.logprobs.extend(e.logprobs)
             elif isinstance(e, FinishEvent):
                 self.finish = e
                 self.done.set()

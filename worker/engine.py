@@ -30,7 +30,7 @@ from worker.detokenizer import TextStream, TokenDecoder
 from worker.faults import NO_FAULTS, FaultPlan, exit_for_oom
 from worker.finish import finish_reason
 from worker.scheduler import ScheduledBatch, Scheduler
-from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from worker.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus, TokenLogprobs
 
 log = structlog.get_logger("worker.engine")
 
@@ -42,6 +42,7 @@ OOM_RECOVERY_STEPS = 32  # good steps in a row before shed limits double back
 class TokenEvent:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when the request asked
 
 
 @dataclass(slots=True)
@@ -199,12 +200,14 @@ class Engine:
         self._oom_streak = 0
         if self.scheduler.is_batch_shrunk:
             self._maybe_restore_limits()
+        logprobs = getattr(self.runner, "logprobs", None) or {}
         for seq in updated:
             active = self._active.get(seq.request_id)
             if active is None:
                 continue
             token_id = seq.token_ids[-1]
-            active.pending.append(TokenEvent(active.stream.push(token_id), [token_id]))
+            lp = logprobs.get(seq.request_id)
+            active.pending.append(TokenEvent(active.stream.push(token_id), [token_id], [lp] if lp else []))
             self._finish_if_over(seq, active.stream)
             if seq.is_finished:
                 self._finish(active)

@@ -16,7 +16,7 @@ from worker.heartbeat import Heartbeat
 from worker.model.context import AttentionContext
 from worker.model.dims import ModelDims
 from worker.model.parallel import TPInfo
-from worker.sampler import sample
+from worker.sampler import sample, token_logprobs
 from worker.scheduler import ScheduledBatch
 from worker.tp.plan import PlanChannel, PlanKind, StepPlan
 
@@ -52,6 +52,7 @@ class ModelRunner:
         self._ticker_stop = threading.Event()
         self._progress: Callable[[], object] | None = None
         self._last_progress: object = None
+        self.logprobs: dict = {}  # request id -> TokenLogprobs of the last step, for the requests that asked
         self.graphs = None  # decode steps as CUDA graphs: one GPU rank only (worker.cuda_graphs)
         if cuda_graphs and device.type == "cuda" and self.tp.size == 1:
             from worker.cuda_graphs import DecodeGraphs
@@ -72,6 +73,7 @@ class ModelRunner:
         plan = self._plan(batch)
         logits = self.execute(plan) if self.plans is None else self._execute_in_group(plan)
         sampling = [e.seq for e in batch.entries if e.is_sampling]
+        self.logprobs = {}
         if not sampling:
             return {}
         token_ids = sample(
@@ -81,6 +83,11 @@ class ModelRunner:
             [s.num_output_tokens for s in sampling],
             [s.eos_token_ids for s in sampling],
         )
+        wanted = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
+        if wanted:  # (read by the engine after the step, for the requests that asked)
+            rows = logits[torch.tensor(wanted, device=logits.device)]
+            found = token_logprobs(rows, [token_ids[i] for i in wanted], [sampling[i].params.logprobs for i in wanted])
+            self.logprobs = {sampling[i].request_id: lp for i, lp in zip(wanted, found, strict=True)}
         return {s.request_id: t for s, t in zip(sampling, token_ids, strict=True)}
 
     def _execute_in_group(self, plan: StepPlan) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from worker.sequence import SamplingParams
+from worker.sequence import SamplingParams, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -39,6 +39,19 @@ def sample(
             logits[rows], [params[i] for i in sampling], [output_indices[i] for i in sampling]
         )
     return token_ids.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprobs]:
+    """Each row's sampled token's log-probability under its raw logits [N, V] (log-softmax in float32, before any
+    penalty, temperature or filter), with its num_top[i] most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()
+    width = max(num_top) if num_top else 0
+    if width:
+        values, ids = logprobs.topk(width, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprobs(t, chosen[i], tuple(zip(ids[i][:n], values[i][:n], strict=True)) if n else ())
+            for i, (t, n) in enumerate(zip(token_ids, num_top, strict=True))]
 
 
 def apply_penalties(

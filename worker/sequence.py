@@ -37,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # 0 = off; over the output tokens only (vLLM's semantics)
     frequency_penalty: float = 0.0  # 0 = off
     min_new_tokens: int = 0  # no end-of-sequence token before this many output tokens
+    logprobs: int | None = None  # None: none; N: each token's logprob and the N most likely at its position
 
     @property
     def is_greedy(self) -> bool:
@@ -47,6 +48,15 @@ class SamplingParams:
         """Whether the logits go to sampling untouched (no penalty, no min_new_tokens)."""
         return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
                 and self.min_new_tokens == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's log-probability (log-softmax of the raw logits) and the most likely (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 _arrival = itertools.count()

@@ -40,7 +40,7 @@ def parameters_from_pb(p: pb.SamplingParameters) -> RequestedParameters:
         max_new_tokens=opt("max_new_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
         top_k=opt("top_k"), seed=opt("seed"), stop=tuple(p.stop), repetition_penalty=opt("repetition_penalty"),
         ignore_eos=p.ignore_eos, presence_penalty=opt("presence_penalty"), frequency_penalty=opt("frequency_penalty"),
-        min_new_tokens=opt("min_new_tokens"),
+        min_new_tokens=opt("min_new_tokens"), logprobs=opt("logprobs"),
     )
 
 
@@ -136,14 +136,23 @@ class WorkerServicer(wpb_grpc.WorkerServicer):
         async for event in self.service.stream(job):
             if isinstance(event, TokenEvent):
                 if event.text or event.token_ids:
-                    yield wpb.WorkerEvent(delta=wpb.TokenDelta(text=event.text, token_ids=event.token_ids))
+                    yield wpb.WorkerEvent(delta=self._delta(event))
             else:
                 final = event.final
                 yield wpb.WorkerEvent(finished=wpb.Finished(
                     finish_reason=int(event.finish_reason), usage=usage_pb(event),
                     history_token_ids=self.service.closed_history(event) if job.is_chat_reply else (),
-                    last_delta=wpb.TokenDelta(text=final.text, token_ids=final.token_ids) if final else None,
+                    last_delta=self._delta(final) if final else None,
                 ))
+
+    def _delta(self, event: TokenEvent) -> wpb.TokenDelta:
+        if not event.logprobs:
+            return wpb.TokenDelta(text=event.text, token_ids=event.token_ids)
+        piece = self.service.tokenizer.piece
+        return wpb.TokenDelta(text=event.text, token_ids=event.token_ids, logprobs=[
+            pb.TokenLogprob(token_id=lp.token_id, token=piece(lp.token_id), logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, token=piece(t), logprob=v) for t, v in lp.top])
+            for lp in event.logprobs])
 
     @handle_errors
     async def Info(self, request, context) -> wpb.InfoResponse:

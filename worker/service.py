@@ -70,7 +70,8 @@ def coalesce(events: list[Event]) -> list[Event]:
     for event in events:
         last = out[-1] if out else None
         if isinstance(event, TokenEvent) and isinstance(last, TokenEvent):
-            out[-1] = TokenEvent(last.text + event.text, last.token_ids + event.token_ids)
+            out[-1] = TokenEvent(last.text + event.text, last.token_ids + event.token_ids,
+                                 last.logprobs + event.logprobs)
         else:
             out.append(event)
     return out

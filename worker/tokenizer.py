@@ -64,6 +64,22 @@ class Tokenizer:
         self._bos_text = self.hf.bos_token if adds_bos else None  # (common.bos)
         self.decoder = TokenDecoder.from_tokenizer(self.hf, vocab_size)
         self.defaults = GenerationDefaults.from_file(model_dir / "generation_config.json")
+        self._pieces: dict[int, str] = {}  # token id -> piece (logprobs)
+
+    def piece(self, token_id: int) -> str:
+        """A token's own text, as an API reports it next to its logprob: SentencePiece's word-start mark as the
+        space it stands for, a byte token (<0x0A>) as its character (a UTF-8 continuation byte as U+FFFD)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            token = self.hf.convert_ids_to_tokens(token_id)
+            if token is None:
+                text = ""
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                text = bytes([int(token[3:5], 16)]).decode("utf-8", errors="replace")
+            else:
+                text = token.replace("\u2581", " ")
+            self._pieces[token_id] = text
+        return text
 
     def encode_prompt(self, text: str) -> list[int]:
         """Prompt ids for plain text, with the beginning-of-sequence token as transformers adds it (once, also for a

@@ -11,6 +11,7 @@ from worker.sequence import SamplingParams
 from worker.tokenizer import GenerationDefaults
 
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's top_logprobs limit)
 MAX_TENANT_CHARS = 128
 
 
@@ -39,6 +40,7 @@ class RequestedParameters:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     min_new_tokens: int | None = None
+    logprobs: int | None = None
 
 
 def _finite(value: float, field: str) -> float:
@@ -76,6 +78,8 @@ def check_parameters(p: RequestedParameters, limits: Limits, prefix: str = "para
         if p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens:
             raise InvalidRequest(f"{prefix}.min_new_tokens",
                                  f"{p.min_new_tokens} is above max_new_tokens ({p.max_new_tokens})")
+    if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"{prefix}.logprobs", f"at most {MAX_LOGPROBS}, got {p.logprobs}")
     if p.seed is not None and p.seed > MAX_SEED:
         raise InvalidRequest(f"{prefix}.seed", f"must be at most {MAX_SEED}")
     if len(p.stop) > limits.max_stop_strings:
@@ -140,6 +144,7 @@ def resolve_parameters(
         presence_penalty=p.presence_penalty or 0.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         min_new_tokens=p.min_new_tokens or 0,
+        logprobs=p.logprobs,
     )
 
 

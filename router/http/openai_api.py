@@ -16,6 +16,7 @@ from common.errors import InvalidRequest
 from protos.llamagrid.v1 import inference_pb2 as pb
 from router.http.exchange import MAX_UINT32, Exchange, Renames, sampling
 
+MAX_TOP_LOGPROBS = 20
 FINISH = {pb.LENGTH: "length", pb.STOP: "stop", pb.EOS: "stop", pb.CANCELLED: "stop"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -67,8 +68,8 @@ class _Common(_Open):
 class ChatCompletionRequest(_Common):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, description="Same as max_tokens (which it overrides).")
-    logprobs: bool | None = Field(None, description="Only false.")
-    top_logprobs: int | None = Field(None, description="Only unset.")
+    logprobs: bool | None = Field(None, description="Each token's logprob in choices[].logprobs.content.")
+    top_logprobs: int | None = Field(None, description="0 to 20 most likely tokens per position (with logprobs).")
     response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
     tools: list[Any] | None = Field(None, description="Only empty.")
     tool_choice: Any = Field(None, description='Only "none".')
@@ -80,7 +81,7 @@ class CompletionRequest(_Common):
     echo: bool | None = Field(None, description="Only false.")
     best_of: int | None = Field(None, description="Only 1.")
     suffix: str | None = Field(None, description="Only unset.")
-    logprobs: int | None = Field(None, description="Only unset.")
+    logprobs: int | None = Field(None, description="0 to 20: each token's logprob and this many most likely.")
 
 
 # ---- requests
@@ -154,10 +155,10 @@ _PARAMETER_RENAMES: Renames = (
 
 def chat_exchange(body: ChatCompletionRequest) -> Exchange:
     _refuse_unsupported(body)
-    if body.logprobs:
-        raise InvalidRequest("logprobs", "is not supported")
-    if body.top_logprobs is not None:
-        raise InvalidRequest("top_logprobs", "is not supported")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise InvalidRequest("response_format", 'only {"type": "text"} is supported')
     if body.tools or body.functions:
@@ -170,8 +171,11 @@ def chat_exchange(body: ChatCompletionRequest) -> Exchange:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     request = pb.GenerateRequest(model=body.model, parameters=_parameters(body, max_tokens),
                                  conversations=[pb.Conversation(messages=_messages(body.messages))])
+    if body.logprobs:
+        request.parameters.logprobs = body.top_logprobs or 0
     renames = (("conversations[0].messages", "messages"), ("conversations", "messages"),
-               ("parameters.max_new_tokens", max_field), *_PARAMETER_RENAMES)
+               ("parameters.max_new_tokens", max_field), ("parameters.logprobs", "top_logprobs"),
+               *_PARAMETER_RENAMES)
     return ChatStream(request, renames, bool(body.stream), _include_usage(body))
 
 
@@ -183,8 +187,8 @@ def completion_exchange(body: CompletionRequest) -> Exchange:
         raise InvalidRequest("best_of", "only 1 is supported")
     if body.suffix:
         raise InvalidRequest("suffix", "is not supported")
-    if body.logprobs is not None:
-        raise InvalidRequest("logprobs", "is not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
     prompt = body.prompt
     if isinstance(prompt, str):
         inputs, renames = [prompt], (("inputs[0]", "prompt"), ("inputs", "prompt"))
@@ -195,7 +199,10 @@ def completion_exchange(body: CompletionRequest) -> Exchange:
     else:
         raise InvalidRequest("prompt", "token-id prompts are not supported; send text")
     request = pb.GenerateRequest(model=body.model, inputs=inputs, parameters=_parameters(body, body.max_tokens))
-    return CompletionStream(request, (*renames, *_PARAMETER_RENAMES), bool(body.stream), _include_usage(body))
+    if body.logprobs is not None:
+        request.parameters.logprobs = body.logprobs
+    return CompletionStream(request, (*renames, ("parameters.logprobs", "logprobs"), *_PARAMETER_RENAMES),
+                            bool(body.stream), _include_usage(body))
 
 
 # ---- responses
@@ -252,10 +259,13 @@ class _OpenAIStream(Exchange):
         """A non-streamed reply: one choice per output, `content(output)` its text part, usage over all."""
         return _DUMPS({"id": f"{self.id_prefix}{self.request_id}", "object": kind, "created": self.created,
                        "model": self.model,
-                       "choices": [{"index": i, **content(out), "logprobs": None,
+                       "choices": [{"index": i, **content(out), "logprobs": self.logprobs_json(out.logprobs, 0),
                                     "finish_reason": FINISH.get(out.finish_reason, "stop")}
                                    for i, out in enumerate(response.outputs)],
                        "usage": usage_json(_sum_usage(o.usage for o in response.outputs))}).encode()
+
+    def logprobs_json(self, logprobs, offset: int) -> dict | None:
+        raise NotImplementedError
 
 
 class ChatStream(_OpenAIStream):
@@ -275,28 +285,58 @@ class ChatStream(_OpenAIStream):
         if chunk.finish_reason:
             finish = f'"{FINISH[chunk.finish_reason]}"'
             self.usages.append(chunk.usage)
-        return (f'{self._head}{{"index":{chunk.index},"delta":{_DUMPS(delta)},"logprobs":null,'
+        logprobs = _DUMPS(self.logprobs_json(chunk.logprobs, 0)) if chunk.logprobs else "null"
+        return (f'{self._head}{{"index":{chunk.index},"delta":{_DUMPS(delta)},"logprobs":{logprobs},'
                 f'"finish_reason":{finish}}}]}}\n\n').encode()
 
     def unary(self, response: pb.GenerateResponse) -> bytes:
         return self._whole("chat.completion", response, lambda out: {
             "message": {"role": "assistant", "content": out.text}})
 
+    def logprobs_json(self, logprobs, offset: int) -> dict | None:
+        """OpenAI's chat form: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        if not logprobs:
+            return None
+        return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
+                             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                                              for t in lp.top]} for lp in logprobs]}
+
 
 class CompletionStream(_OpenAIStream):
     kind = "text_completion"
     id_prefix = "cmpl-"
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
 
     def chunk(self, chunk: pb.GenerateChunk) -> bytes:
         finish = "null"
         if chunk.finish_reason:
             finish = f'"{FINISH[chunk.finish_reason]}"'
             self.usages.append(chunk.usage)
-        return (f'{self._head}{{"index":{chunk.index},"text":{_DUMPS(chunk.text)},"logprobs":null,'
+        logprobs = "null"
+        if chunk.logprobs:
+            offset = self._offsets.get(chunk.index, 0)
+            logprobs = _DUMPS(self.logprobs_json(chunk.logprobs, offset))
+            self._offsets[chunk.index] = offset + sum(len(lp.token) for lp in chunk.logprobs)
+        return (f'{self._head}{{"index":{chunk.index},"text":{_DUMPS(chunk.text)},"logprobs":{logprobs},'
                 f'"finish_reason":{finish}}}]}}\n\n').encode()
 
     def unary(self, response: pb.GenerateResponse) -> bytes:
         return self._whole("text_completion", response, lambda out: {"text": out.text})
+
+    def logprobs_json(self, logprobs, offset: int) -> dict | None:
+        """OpenAI's completions form: parallel lists tokens, token_logprobs, top_logprobs ({token: logprob}) and
+        text_offset (each token's start in the completion, by its text's length)."""
+        if not logprobs:
+            return None
+        offsets = []
+        for lp in logprobs:
+            offsets.append(offset)
+            offset += len(lp.token)
+        return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs], "text_offset": offsets}
 
 
 def models_json(models: pb.ListModelsResponse) -> bytes:

@@ -104,6 +104,31 @@ def test_penalties_pass_through_to_the_engine(router, client, model, keys):
     assert reply.choices[0].text == expected.text != plain.text
 
 
+def test_logprobs_through_grpc_and_both_openai_forms(router, client, model, keys):
+    params = pb.SamplingParameters(max_new_tokens=8, temperature=0.0, logprobs=3)
+    expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(
+        model=model, parameters=params, conversations=[pb.Conversation(messages=[
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES])])).outputs[0]
+    assert [lp.token_id for lp in expected.logprobs] == list(expected.token_ids)
+    assert all(len(lp.top) == 3 and lp.top[0].logprob >= lp.logprob - 1e-6 for lp in expected.logprobs)
+    want = [(lp.token, round(lp.logprob, 5), [t.token for t in lp.top]) for lp in expected.logprobs]
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    got = [(c.token, round(c.logprob, 5), [t.token for t in c.top_logprobs]) for c in reply.choices[0].logprobs.content]
+    assert got == want
+    streamed = [c for chunk in client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, round(c.logprob, 5), [t.token for t in c.top_logprobs]) for c in streamed] == want
+    completion = client.completions.create(model=model, prompt="Once upon", max_tokens=5, temperature=0, logprobs=2)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == completion.choices[0].text or completion.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, logprobs=True, top_logprobs=21)
+    assert err.value.body["param"] == "top_logprobs"
+
+
 def test_completions_one_or_many_prompts_and_models(router, client, model, keys):
     prompts = ["The capital of France is", "Once upon a time"]
     expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=prompts,

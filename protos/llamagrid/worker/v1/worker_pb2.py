@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.llamagrid.v1 import inference_pb2 as protos_dot_llamagrid_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/llamagrid/worker/v1/worker.proto\x12\x13llamagrid.worker.v1\x1a#protos/llamagrid/v1/inference.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\"\xdb\x02\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x03 \x01(\x0b\x32!.llamagrid.worker.v1.ChatMessagesH\x00\x12\x32\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x1d.llamagrid.worker.v1.TokenIdsH\x00\x12\x34\n\nparameters\x18\x05 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x19\n\x11history_token_ids\x18\x08 \x03(\r\x12\x18\n\x10resume_token_ids\x18\t \x03(\r\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x15\n\rtenant_weight\x18\x0c \x01(\rB\x08\n\x06promptJ\x04\x08\n\x10\x0b\"\x08\n\x06\x43\x61ncel\"q\n\rWorkerRequest\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x18.llamagrid.worker.v1.JobH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.llamagrid.worker.v1.CancelH\x00\x42\x08\n\x06\x61\x63tion\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb7\x01\n\x08\x46inished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12\x33\n\nlast_delta\x18\x04 \x01(\x0b\x32\x1f.llamagrid.worker.v1.TokenDelta\x12\x19\n\x11history_token_ids\x18\x05 \x03(\rJ\x04\x08\x03\x10\x04\"{\n\x0bWorkerEvent\x12\x30\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1f.llamagrid.worker.v1.TokenDeltaH\x00\x12\x31\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1d.llamagrid.worker.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\n \x01(\r\"\r\n\x0bLoadRequest\"\x87\x01\n\x0cLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_pending_tokens\x18\x05 \x01(\x04\"\x14\n\x12\x43\x61\x63heEventsRequest\"b\n\nCacheEvent\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x06\x12\x0f\n\x07\x65victed\x18\x04 \x03(\x06\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\x12\n\x10TokenizerRequest\"?\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r2\xc8\x04\n\x06Worker\x12T\n\x08Generate\x12\".llamagrid.worker.v1.WorkerRequest\x1a .llamagrid.worker.v1.WorkerEvent(\x01\x30\x01\x12\x43\n\x03Run\x12\x18.llamagrid.worker.v1.Job\x1a .llamagrid.worker.v1.WorkerEvent0\x01\x12K\n\x04Info\x12 .llamagrid.worker.v1.InfoRequest\x1a!.llamagrid.worker.v1.InfoResponse\x12K\n\x04Load\x12 .llamagrid.worker.v1.LoadRequest\x1a!.llamagrid.worker.v1.LoadResponse\x12R\n\x0b\x43ountTokens\x12 .llamagrid.v1.CountTokensRequest\x1a!.llamagrid.v1.CountTokensResponse\x12Y\n\x0b\x43\x61\x63heEvents\x12\'.llamagrid.worker.v1.CacheEventsRequest\x1a\x1f.llamagrid.worker.v1.CacheEvent0\x01\x12Z\n\tTokenizer\x12%.llamagrid.worker.v1.TokenizerRequest\x1a&.llamagrid.worker.v1.TokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/llamagrid/worker/v1/worker.proto\x12\x13llamagrid.worker.v1\x1a#protos/llamagrid/v1/inference.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\"\xdb\x02\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x03 \x01(\x0b\x32!.llamagrid.worker.v1.ChatMessagesH\x00\x12\x32\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x1d.llamagrid.worker.v1.TokenIdsH\x00\x12\x34\n\nparameters\x18\x05 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x19\n\x11history_token_ids\x18\x08 \x03(\r\x12\x18\n\x10resume_token_ids\x18\t \x03(\r\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x15\n\rtenant_weight\x18\x0c \x01(\rB\x08\n\x06promptJ\x04\x08\n\x10\x0b\"\x08\n\x06\x43\x61ncel\"q\n\rWorkerRequest\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x18.llamagrid.worker.v1.JobH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.llamagrid.worker.v1.CancelH\x00\x42\x08\n\x06\x61\x63tion\"[\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\"\xb7\x01\n\x08\x46inished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12\x33\n\nlast_delta\x18\x04 \x01(\x0b\x32\x1f.llamagrid.worker.v1.TokenDelta\x12\x19\n\x11history_token_ids\x18\x05 \x03(\rJ\x04\x08\x03\x10\x04\"{\n\x0bWorkerEvent\x12\x30\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1f.llamagrid.worker.v1.TokenDeltaH\x00\x12\x31\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1d.llamagrid.worker.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\n \x01(\r\"\r\n\x0bLoadRequest\"\x87\x01\n\x0cLoadResponse\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_pending_tokens\x18\x05 \x01(\x04\"\x14\n\x12\x43\x61\x63heEventsRequest\"b\n\nCacheEvent\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x06\x12\x0f\n\x07\x65victed\x18\x04 \x03(\x06\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\x12\n\x10TokenizerRequest\"?\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r2\xc8\x04\n\x06Worker\x12T\n\x08Generate\x12\".llamagrid.worker.v1.WorkerRequest\x1a .llamagrid.worker.v1.WorkerEvent(\x01\x30\x01\x12\x43\n\x03Run\x12\x18.llamagrid.worker.v1.Job\x1a .llamagrid.worker.v1.WorkerEvent0\x01\x12K\n\x04Info\x12 .llamagrid.worker.v1.InfoRequest\x1a!.llamagrid.worker.v1.InfoResponse\x12K\n\x04Load\x12 .llamagrid.worker.v1.LoadRequest\x1a!.llamagrid.worker.v1.LoadResponse\x12R\n\x0b\x43ountTokens\x12 .llamagrid.v1.CountTokensRequest\x1a!.llamagrid.v1.CountTokensResponse\x12Y\n\x0b\x43\x61\x63heEvents\x12\'.llamagrid.worker.v1.CacheEventsRequest\x1a\x1f.llamagrid.worker.v1.CacheEvent0\x01\x12Z\n\tTokenizer\x12%.llamagrid.worker.v1.TokenizerRequest\x1a&.llamagrid.worker.v1.TokenizerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERREQUEST']._serialized_start=547
   _globals['_WORKERREQUEST']._serialized_end=660
   _globals['_TOKENDELTA']._serialized_start=662
-  _globals['_TOKENDELTA']._serialized_end=707
-  _globals['_FINISHED']._serialized_start=710
-  _globals['_FINISHED']._serialized_end=893
-  _globals['_WORKEREVENT']._serialized_start=895
-  _globals['_WORKEREVENT']._serialized_end=1018
-  _globals['_INFOREQUEST']._serialized_start=1020
-  _globals['_INFOREQUEST']._serialized_end=1033
-  _globals['_INFORESPONSE']._serialized_start=1036
-  _globals['_INFORESPONSE']._serialized_end=1256
-  _globals['_LOADREQUEST']._serialized_start=1258
-  _globals['_LOADREQUEST']._serialized_end=1271
-  _globals['_LOADRESPONSE']._serialized_start=1274
-  _globals['_LOADRESPONSE']._serialized_end=1409
-  _globals['_CACHEEVENTSREQUEST']._serialized_start=1411
-  _globals['_CACHEEVENTSREQUEST']._serialized_end=1431
-  _globals['_CACHEEVENT']._serialized_start=1433
-  _globals['_CACHEEVENT']._serialized_end=1531
-  _globals['_TOKENIZERREQUEST']._serialized_start=1533
-  _globals['_TOKENIZERREQUEST']._serialized_end=1551
-  _globals['_TOKENIZERRESPONSE']._serialized_start=1553
-  _globals['_TOKENIZERRESPONSE']._serialized_end=1616
-  _globals['_WORKER']._serialized_start=1619
-  _globals['_WORKER']._serialized_end=2203
+  _globals['_TOKENDELTA']._serialized_end=753
+  _globals['_FINISHED']._serialized_start=756
+  _globals['_FINISHED']._serialized_end=939
+  _globals['_WORKEREVENT']._serialized_start=941
+  _globals['_WORKEREVENT']._serialized_end=1064
+  _globals['_INFOREQUEST']._serialized_start=1066
+  _globals['_INFOREQUEST']._serialized_end=1079
+  _globals['_INFORESPONSE']._serialized_start=1082
+  _globals['_INFORESPONSE']._serialized_end=1302
+  _globals['_LOADREQUEST']._serialized_start=1304
+  _globals['_LOADREQUEST']._serialized_end=1317
+  _globals['_LOADRESPONSE']._serialized_start=1320
+  _globals['_LOADRESPONSE']._serialized_end=1455
+  _globals['_CACHEEVENTSREQUEST']._serialized_start=1457
+  _globals['_CACHEEVENTSREQUEST']._serialized_end=1477
+  _globals['_CACHEEVENT']._serialized_start=1479
+  _globals['_CACHEEVENT']._serialized_end=1577
+  _globals['_TOKENIZERREQUEST']._serialized_start=1579
+  _globals['_TOKENIZERREQUEST']._serialized_end=1597
+  _globals['_TOKENIZERRESPONSE']._serialized_start=1599
+  _globals['_TOKENIZERRESPONSE']._serialized_end=1662
+  _globals['_WORKER']._serialized_start=1665
+  _globals['_WORKER']._serialized_end=2249
 # @@protoc_insertion_point(module_scope)
