@@ -25,6 +25,7 @@ from worker.config import WorkerConfig
 from worker.devices import resolve_device, resolve_dtype
 from worker.engine import Engine, EngineRequest, ErrorEvent, FinishEvent
 from worker.faults import FaultPlan
+from worker.grammar import Grammars
 from worker.heartbeat import Heartbeat
 from worker.kv_cache import BlockManager
 from worker.kv_sizing import CacheLayout, plan_kv_cache
@@ -67,6 +68,7 @@ class Worker:
         self.runner = self._build_runner(model)
         self.tokenizer = Tokenizer(config.model_dir, hf_config.vocab_size)
         self.engine = self._build_engine()
+        self.engine.grammars = Grammars(self.tokenizer.hf, hf_config.vocab_size)
         self.runner.start_ticker(lambda: self.engine.load)  # no thread unless tensor parallel or heartbeating
         self.service = WorkerService(self.engine, self.tokenizer, self._limits(), self._info(hf_config.vocab_size))
         self.metrics: WorkerMetrics | None = None

@@ -107,6 +107,7 @@ class Engine:
         self.runner = runner
         self.decoder = decoder
         self.eos_token_ids = eos_token_ids
+        self.grammars = None  # worker.grammar.Grammars, for requests with structured output (set by worker.app)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._active: dict[str, _Active] = {}
@@ -247,6 +248,8 @@ class Engine:
         seq = Sequence(request.request_id, prompt, request.params, self.eos_token_ids,
                        token_ids=prompt + list(request.resume_token_ids), tenant=request.tenant,
                        weight=request.weight)
+        if request.params.grammar is not None:  # (checked by the service: it compiles, from the cache here)
+            seq.constraint = self.grammars.matcher(request.params.grammar, request.resume_token_ids)
         stream = self.decoder.stream(request.params.stop, skip_leading_space=request.is_chat_reply)
         active = _Active(seq, stream, request.sink, request.deadline)
         self._active[request.request_id] = active

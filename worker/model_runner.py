@@ -6,12 +6,14 @@ of ranks 1..N-1 (worker.tp.rank_main) receive the same plan and run theirs; logi
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
+from worker.grammar import allocate_bitmask, fill_all
 from worker.heartbeat import Heartbeat
 from worker.model.context import AttentionContext
 from worker.model.dims import ModelDims
@@ -53,6 +55,8 @@ class ModelRunner:
         self._progress: Callable[[], object] | None = None
         self._last_progress: object = None
         self.logprobs: dict = {}  # request id -> TokenLogprobs of the last step, for the requests that asked
+        # one thread filling grammar masks during the model's step (llguidance computes them without the GIL)
+        self._masks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = None  # decode steps as CUDA graphs: one GPU rank only (worker.cuda_graphs)
         if cuda_graphs and device.type == "cuda" and self.tp.size == 1:
             from worker.cuda_graphs import DecodeGraphs
@@ -71,8 +75,13 @@ class ModelRunner:
         if self.heartbeat is not None:
             self.heartbeat.beat()
         plan = self._plan(batch)
-        logits = self.execute(plan) if self.plans is None else self._execute_in_group(plan)
         sampling = [e.seq for e in batch.entries if e.is_sampling]
+        constrained = [i for i, s in enumerate(sampling) if s.constraint is not None]
+        filling = None
+        if constrained:  # the grammars' masks are computed while the model runs (they depend on past tokens only)
+            bitmask = allocate_bitmask(len(constrained), self.model.config.vocab_size)
+            filling = self._masks.submit(fill_all, [sampling[i].constraint for i in constrained], bitmask)
+        logits = self.execute(plan) if self.plans is None else self._execute_in_group(plan)
         self.logprobs = {}
         if not sampling:
             return {}
@@ -82,7 +91,10 @@ class ModelRunner:
             [s.token_ids for s in sampling],
             [s.num_output_tokens for s in sampling],
             [s.eos_token_ids for s in sampling],
+            (constrained, filling.result()) if filling is not None else None,
         )
+        for i in constrained:
+            sampling[i].constraint.accept(token_ids[i])
         wanted = [i for i, s in enumerate(sampling) if s.params.logprobs is not None]
         if wanted:  # (read by the engine after the step, for the requests that asked)
             rows = logits[torch.tensor(wanted, device=logits.device)]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from worker.grammar import apply_bitmask
 from worker.sequence import SamplingParams, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
@@ -20,17 +21,25 @@ def sample(
     token_histories: Sequence[Sequence[int]],
     output_indices: Sequence[int],
     eos_token_ids: Sequence[frozenset[int]] | None = None,
+    masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> list[int]:
     """Pick one token per row of logits [N, V] (fp32).
 
     token_histories[i] holds row i's prompt + output ids (for the penalties); output_indices[i] counts the tokens
     row i already generated (its last output_indices[i] history ids); eos_token_ids[i] are the ids min_new_tokens
     keeps out. A seeded row draws its randomness from (seed, output_index) only, so it samples the same tokens
-    alone, in any batch, and after recompute.
+    alone, in any batch, and after recompute. masks: (rows, bitmask) of the rows whose grammar allows only some
+    tokens next (worker.grammar: one bitmask row per listed row), applied after the penalties.
     """
-    if all(p.is_greedy and p.plain for p in params):
+    if masks is None and all(p.is_greedy and p.plain for p in params):
         return logits.argmax(dim=-1).tolist()  # hot path: plain greedy batch
+    raw = logits
     logits = apply_penalties(logits, params, token_histories, output_indices, eos_token_ids)
+    if masks is not None:
+        if logits is raw:  # (no penalty made a copy: the model's logits stay as they are, for logprobs)
+            logits = logits.clone()
+        rows = torch.tensor(masks[0], device=logits.device)
+        logits[rows] = apply_bitmask(logits[rows], masks[1])
     token_ids = logits.argmax(dim=-1)
     sampling = [i for i, p in enumerate(params) if not p.is_greedy]
     if sampling:

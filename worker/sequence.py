@@ -22,6 +22,18 @@ class SequenceStatus(enum.IntEnum):
     FINISHED = 3
 
 
+JSON_SCHEMA, REGEX, JSON_OBJECT = "json_schema", "regex", "json_object"
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """What a request's output must match (worker.grammar): `kind` json_schema, regex or json_object, `text` the
+    schema (JSON text) or the regex."""
+
+    kind: str
+    text: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Validated, resolved sampling parameters of one request (defaults already applied)."""
@@ -38,6 +50,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # 0 = off
     min_new_tokens: int = 0  # no end-of-sequence token before this many output tokens
     logprobs: int | None = None  # None: none; N: each token's logprob and the N most likely at its position
+    grammar: GrammarSpec | None = None  # structured output: the tokens allowed at each step (worker.grammar)
 
     @property
     def is_greedy(self) -> bool:
@@ -47,7 +60,7 @@ class SamplingParams:
     def plain(self) -> bool:
         """Whether the logits go to sampling untouched (no penalty, no min_new_tokens)."""
         return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
-                and self.min_new_tokens == 0)
+                and self.min_new_tokens == 0 and self.grammar is None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,7 @@ class Sequence:
     tenant: str = ""  # whose request (worker.fair_queue shares admissions and running slots among tenants)
     weight: int = 1  # the tenant's share relative to other tenants' (>= 1)
     arrival: int = field(default_factory=lambda: next(_arrival))
+    constraint: object | None = None  # its grammar's matcher (worker.grammar.Constraint), with params.grammar
 
     def __post_init__(self) -> None:
         assert self.weight >= 1, f"{self.request_id}: weight must be at least 1"

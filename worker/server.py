@@ -28,6 +28,7 @@ from protos.llamagrid.worker.v1 import worker_pb2_grpc as wpb_grpc
 from worker.cache_events import Draining, Overflowed, Subscriber
 from worker.chat_template import ChatMessage
 from worker.engine import FinishEvent, LoadSnapshot, TokenEvent
+from worker.sequence import JSON_OBJECT, JSON_SCHEMA, REGEX, GrammarSpec
 from worker.service import Job, WorkerInfo, WorkerService
 from worker.validation import RequestedParameters
 
@@ -40,8 +41,19 @@ def parameters_from_pb(p: pb.SamplingParameters) -> RequestedParameters:
         max_new_tokens=opt("max_new_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
         top_k=opt("top_k"), seed=opt("seed"), stop=tuple(p.stop), repetition_penalty=opt("repetition_penalty"),
         ignore_eos=p.ignore_eos, presence_penalty=opt("presence_penalty"), frequency_penalty=opt("frequency_penalty"),
-        min_new_tokens=opt("min_new_tokens"), logprobs=opt("logprobs"),
+        min_new_tokens=opt("min_new_tokens"), logprobs=opt("logprobs"), grammar=_grammar(p),
+        grammars_set=tuple(name for name in (JSON_SCHEMA, REGEX, JSON_OBJECT) if getattr(p, name)),
     )
+
+
+def _grammar(p: pb.SamplingParameters) -> GrammarSpec | None:
+    if p.json_schema:
+        return GrammarSpec(JSON_SCHEMA, p.json_schema)
+    if p.regex:
+        return GrammarSpec(REGEX, p.regex)
+    if p.json_object:
+        return GrammarSpec(JSON_OBJECT)
+    return None
 
 
 def messages_from_pb(messages: Sequence[pb.ChatMessage]) -> list[ChatMessage]:

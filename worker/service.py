@@ -168,6 +168,8 @@ class WorkerService:
         check_request_id(request_id, f"{field}.request_id")
         check_tenant(tenant, f"{field}.tenant")
         check_parameters(params, self.limits, f"{field}.parameters")
+        if params.grammar is not None:
+            self.engine.grammars.check(params.grammar, f"{field}.parameters.{params.grammar.kind}")
         check_resume_tokens(resume_token_ids, len(prompt_ids), self.tokenizer.decoder.vocab_size, self.limits,
                             f"{field}.resume_token_ids")
         sampling = resolve_parameters(params, len(prompt_ids), self.limits, self.tokenizer.defaults)

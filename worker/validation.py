@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from common.errors import InvalidRequest
 from common.request_ids import MAX_JOB_ID_CHARS
-from worker.sequence import SamplingParams
+from worker.sequence import GrammarSpec, SamplingParams
 from worker.tokenizer import GenerationDefaults
 
 MAX_SEED = 2**63 - 1
@@ -41,6 +41,8 @@ class RequestedParameters:
     frequency_penalty: float | None = None
     min_new_tokens: int | None = None
     logprobs: int | None = None
+    grammar: GrammarSpec | None = None
+    grammars_set: tuple[str, ...] = ()  # the structured-output fields the caller set (at most one may be)
 
 
 def _finite(value: float, field: str) -> float:
@@ -78,6 +80,11 @@ def check_parameters(p: RequestedParameters, limits: Limits, prefix: str = "para
         if p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens:
             raise InvalidRequest(f"{prefix}.min_new_tokens",
                                  f"{p.min_new_tokens} is above max_new_tokens ({p.max_new_tokens})")
+    if len(p.grammars_set) > 1:
+        raise InvalidRequest(f"{prefix}.{p.grammars_set[1]}", f"set at most one of {', '.join(p.grammars_set)}")
+    if p.grammar is not None and p.ignore_eos:
+        raise InvalidRequest(f"{prefix}.ignore_eos", f"cannot be set with {p.grammar.kind}: the completion ends "
+                                                    "when the constraint is complete")
     if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"{prefix}.logprobs", f"at most {MAX_LOGPROBS}, got {p.logprobs}")
     if p.seed is not None and p.seed > MAX_SEED:
@@ -145,6 +152,7 @@ def resolve_parameters(
         frequency_penalty=p.frequency_penalty or 0.0,
         min_new_tokens=p.min_new_tokens or 0,
         logprobs=p.logprobs,
+        grammar=p.grammar,
     )
 
 

@@ -70,7 +70,8 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, description="Same as max_tokens (which it overrides).")
     logprobs: bool | None = Field(None, description="Each token's logprob in choices[].logprobs.content.")
     top_logprobs: int | None = Field(None, description="0 to 20 most likely tokens per position (with logprobs).")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                   '{"type": "json_schema", "json_schema": {"schema": {...}}}.')
     tools: list[Any] | None = Field(None, description="Only empty.")
     tool_choice: Any = Field(None, description='Only "none".')
     functions: list[Any] | None = Field(None, description="Only empty.")
@@ -159,8 +160,6 @@ def chat_exchange(body: ChatCompletionRequest) -> Exchange:
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise InvalidRequest("response_format", 'only {"type": "text"} is supported')
     if body.tools or body.functions:
         raise InvalidRequest("tools" if body.tools else "functions", "tools are not supported")
     if body.tool_choice not in (None, "none"):
@@ -173,10 +172,30 @@ def chat_exchange(body: ChatCompletionRequest) -> Exchange:
                                  conversations=[pb.Conversation(messages=_messages(body.messages))])
     if body.logprobs:
         request.parameters.logprobs = body.top_logprobs or 0
+    _response_format(body.response_format, request.parameters)
     renames = (("conversations[0].messages", "messages"), ("conversations", "messages"),
                ("parameters.max_new_tokens", max_field), ("parameters.logprobs", "top_logprobs"),
+               ("parameters.json_schema", "response_format.json_schema.schema"),
+               ("parameters.json_object", "response_format"), ("parameters.ignore_eos", "ignore_eos"),
                *_PARAMETER_RENAMES)
     return ChatStream(request, renames, bool(body.stream), _include_usage(body))
+
+
+def _response_format(response_format: dict[str, Any] | None, params: pb.SamplingParameters) -> None:
+    """OpenAI's response_format as a constraint: {"type": "json_schema", "json_schema": {"schema": {...}}} or
+    {"type": "json_object"}; "text" (or none) leaves the output free. `strict` is accepted: the schema is always
+    enforced."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        params.json_object = True
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("response_format.json_schema.schema", "must be a JSON Schema object")
+        params.json_schema = json.dumps(schema)
+    elif kind != "text":
+        raise InvalidRequest("response_format.type", f"{kind!r} is not supported (text, json_object, json_schema)")
 
 
 def completion_exchange(body: CompletionRequest) -> Exchange:

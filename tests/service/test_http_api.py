@@ -129,6 +129,33 @@ def test_logprobs_through_grpc_and_both_openai_forms(router, client, model, keys
     assert err.value.body["param"] == "top_logprobs"
 
 
+def test_structured_output_through_grpc_and_openai_response_format(router, client, model, keys):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "n": {
+        "type": "integer", "minimum": 0, "maximum": 9}}, "required": ["colour", "n"], "additionalProperties": False}
+    params = pb.SamplingParameters(max_new_tokens=64, temperature=0.0, json_schema=json.dumps(schema))
+    expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=["Pick one:"],
+                                                                     parameters=params)).outputs[0]
+    jsonschema.validate(json.loads(expected.text), schema)
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=64, temperature=0.8, seed=3,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "pick", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=128, temperature=0,
+                                           response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}})
+    assert err.value.body["param"] == "response_format.json_schema.schema", err.value.body
+    with grpc.insecure_channel(router.address) as ch, pytest.raises(grpc.RpcError) as rpc_err:
+        pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(model=model, inputs=["x"], parameters=pb.SamplingParameters(
+            regex="(unclosed")), metadata=auth(keys["gen"]), timeout=30)
+    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_err.value.details().startswith("parameters.regex: cannot be compiled"), rpc_err.value.details()
+
+
 def test_completions_one_or_many_prompts_and_models(router, client, model, keys):
     prompts = ["The capital of France is", "Once upon a time"]
     expected = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=prompts,

