@@ -68,7 +68,7 @@ def _runs(n: int) -> list[tuple[list[int], SamplingParams, dict]]:
 def test_200_schema_constrained_generations_validate(worker):
     runs = _runs(200)
     results = run_all(worker, [p for p, _, _ in runs], [sp for _, sp, _ in runs])
-    for (_, params, schema), r in zip(runs, results, strict=True):
+    for (_, _, schema), r in zip(runs, results, strict=True):
         assert r.finish_reason is not None and r.finish_reason.name == "EOS", (r.finish_reason, r.text, schema)
         jsonschema.validate(json.loads(r.text), schema)
 

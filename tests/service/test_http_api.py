@@ -150,8 +150,8 @@ def test_structured_output_through_grpc_and_openai_response_format(router, clien
             "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}})
     assert err.value.body["param"] == "response_format.json_schema.schema", err.value.body
     with grpc.insecure_channel(router.address) as ch, pytest.raises(grpc.RpcError) as rpc_err:
-        pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(model=model, inputs=["x"], parameters=pb.SamplingParameters(
-            regex="(unclosed")), metadata=auth(keys["gen"]), timeout=30)
+        bad = pb.GenerateRequest(model=model, inputs=["x"], parameters=pb.SamplingParameters(regex="(unclosed"))
+        pb_grpc.InferenceStub(ch).Generate(bad, metadata=auth(keys["gen"]), timeout=30)
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert rpc_err.value.details().startswith("parameters.regex: cannot be compiled"), rpc_err.value.details()
 

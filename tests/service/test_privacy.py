@@ -5,6 +5,7 @@ logging that is checked), the session's one that requires the internal token, be
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -74,6 +75,9 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
     long_stream = pb.SamplingParameters(max_new_tokens=500, temperature=0.0, ignore_eos=True)
     # a context's worth of tokens: several times the 0.1 s deadline even on an idle machine
     past_deadline = pb.SamplingParameters(max_new_tokens=3000, temperature=0.0, ignore_eos=True)
+    bad_schema = pb.SamplingParameters(json_schema=f'{{"type": "{CANARY}"}}')
+    schema = pb.SamplingParameters(max_new_tokens=24, logprobs=3, json_schema=json.dumps(
+        {"type": "object", "properties": {CANARY: {"enum": [CANARY]}}, "required": [CANARY]}))
     out = {
         "generate": _call(lambda: stub.Generate(pb.GenerateRequest(inputs=[PROMPT, CANARY], parameters=ok),
                                                 metadata=metadata, timeout=30)),
@@ -89,6 +93,10 @@ def _exercise(stub, metadata, bad_key_metadata, one_key_metadata) -> dict[str, g
                                                       metadata=metadata, timeout=30)),
         "too_long": _call(lambda: stub.Generate(pb.GenerateRequest(inputs=[PROMPT * 3000], parameters=ok),
                                                 metadata=metadata, timeout=30)),
+        "bad_schema": _call(lambda: stub.Generate(pb.GenerateRequest(inputs=[PROMPT], parameters=bad_schema),
+                                                  metadata=metadata, timeout=30)),
+        "schema": _call(lambda: stub.GenerateStream(pb.GenerateRequest(inputs=[PROMPT], parameters=schema),
+                                                    metadata=metadata, timeout=30)),
         "unknown_model": _call(lambda: stub.Generate(pb.GenerateRequest(model=CANARY, inputs=[PROMPT], parameters=ok),
                                                      metadata=metadata, timeout=30)),
         "deadline": _call(lambda: stub.GenerateStream(pb.GenerateRequest(inputs=[PROMPT], parameters=past_deadline),
@@ -181,7 +189,8 @@ def test_no_user_text_in_any_log(cluster):
         codes = _exercise(pb_grpc.InferenceStub(ch), auth(keys["pro"]), auth(f"lg_{CANARY}_{CANARY}"),
                           auth(keys["one"]))
     assert codes["generate"] == codes["stream"] == codes["chat"] == codes["count"] == grpc.StatusCode.OK
-    assert codes["invalid_params"] == codes["too_long"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["invalid_params"] == codes["too_long"] == codes["bad_schema"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["schema"] == grpc.StatusCode.OK
     assert codes["unknown_model"] == grpc.StatusCode.NOT_FOUND
     assert codes["deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
     assert codes["bad_key"] == grpc.StatusCode.UNAUTHENTICATED
