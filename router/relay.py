@@ -56,10 +56,11 @@ def new_job(request_id: str, model: str, params: pb.SamplingParameters, context,
     return job
 
 
-def renames(job: wpb.Job) -> tuple[tuple[str, str], ...]:
+def renames(job: wpb.Job, completions: int = 1) -> tuple[tuple[str, str], ...]:
     """How the worker's names for a Generate job's fields read in the public request it came from (request id
-    `<call>/<i>`): a text input `inputs[i]`, a conversation `conversations[i]`."""
-    n = job.request_id.rsplit("/", 1)[-1]
+    `<call>/<k>`, the k-th job: input k // completions): a text input `inputs[i]`, a conversation
+    `conversations[i]`."""
+    n = int(job.request_id.rsplit("/", 1)[-1]) // completions
     if job.WhichOneof("prompt") == "chat":
         return (("job.chat.", f"conversations[{n}]."), ("job.chat", f"conversations[{n}].messages"),
                 ("job.parameters", "parameters"), ("job.", f"conversations[{n}]."))
@@ -346,9 +347,15 @@ class Relay:
                 state.current.deadline_unix_ms = deadline_ms(context)
         state.wait_until = None
 
-    def fanout(self, jobs: list[wpb.Job], context, record: CallRecord) -> Single | Fanout:
-        """Start every job now, each on its own worker pick (with failover); their events as one stream."""
-        return merged([self.job(job, context, record=record, renamed=renames(job)) for job in jobs], self.lag_watch)
+    def fanout(self, jobs: list[wpb.Job], context, record: CallRecord, n: int = 1) -> Single | Fanout:
+        """Start every job now, each on its own worker pick (with failover); their events as one stream. With `n`
+        completions per prompt (jobs i * n .. i * n + n - 1 share a prompt), a prompt's later completions go to its
+        first one's worker while it is healthy, which prefills the prompt once for all of them."""
+        relayed: list[RelayedJob] = []
+        for k, job in enumerate(jobs):
+            prefer = relayed[k - k % n]._target or None if k % n else None
+            relayed.append(self.job(job, context, record=record, renamed=renames(job, n), prefer=prefer))
+        return merged(relayed, self.lag_watch)
 
     @staticmethod
     async def close(jobs: Single | Fanout | None) -> None:

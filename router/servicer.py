@@ -18,7 +18,7 @@ from router.calls import CallRecord, begin_call, call_ended
 from router.chat import ChatCall
 from router.concurrency import REQUESTS, SESSIONS
 from router.config import RouterConfig
-from router.costs import estimate_chat, estimate_text
+from router.costs import estimate_chat, estimate_text, max_new
 from router.errors import NoHealthyWorker, ServiceError, from_rpc_error
 from router.fanout import Fanout, Single
 from router.keys import KeyRecord
@@ -28,6 +28,8 @@ from router.relay import Relay, new_job
 log = structlog.get_logger("router.server")
 
 MAX_INPUTS = 64
+MAX_N = 16  # completions per input
+MAX_SEED = 2**63 - 1  # (the workers' largest seed)
 Jobs = Single | Fanout
 _NO_NEW_TOKENS = pb.SamplingParameters(max_new_tokens=0)  # CountTokens generates nothing
 
@@ -61,6 +63,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         jobs = None
         try:
             jobs = await self._admit_generate(request, context, record)
+            n = completions(request)
             outputs = [pb.Completion() for _ in jobs.jobs]
             texts: list[list[str]] = [[] for _ in jobs.jobs]
             async for index, event in jobs.events():
@@ -71,7 +74,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     delta = fin.last_delta
                     outputs[index].finish_reason = fin.finish_reason
                     outputs[index].usage.CopyFrom(fin.usage)
-                    record.add_usage(fin.usage)
+                    record.add_usage(billed(fin.usage, index, n))
                 texts[index].append(delta.text)
                 outputs[index].token_ids.extend(delta.token_ids)
                 if delta.logprobs:
@@ -89,6 +92,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         jobs = None
         try:
             jobs = await self._admit_generate(request, context, record)
+            n = completions(request)
             write = context.write
             async for index, event in jobs.events():
                 if event.HasField("delta"):
@@ -96,7 +100,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
                     chunk = pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids)
                 else:
                     fin = event.finished
-                    record.add_usage(fin.usage)
+                    record.add_usage(billed(fin.usage, index, n))
                     delta = fin.last_delta
                     chunk = pb.GenerateChunk(index=index, text=delta.text, token_ids=delta.token_ids,
                                              finish_reason=fin.finish_reason, usage=fin.usage)
@@ -111,15 +115,26 @@ class RouterServicer(pb_grpc.InferenceServicer):
               key: KeyRecord) -> list[wpb.Job]:
         tier = self.admission.tiers.get(key.tier)
         weight = tier.weight if tier is not None else 1
+        n = completions(request)
+        base = request.parameters
+        if base.HasField("n"):  # (a worker runs one completion per job)
+            base = pb.SamplingParameters()
+            base.CopyFrom(request.parameters)
+            base.ClearField("n")
         jobs = []
-        for i, text in enumerate(request.inputs):
-            job = new_job(f"{record.request_id}/{i}", model, request.parameters, context, key.tenant, weight)
-            job.text = text
-            jobs.append(job)
-        for i, conversation in enumerate(request.conversations):
-            job = new_job(f"{record.request_id}/{i}", model, request.parameters, context, key.tenant, weight)
-            job.chat.messages.extend(conversation.messages)
-            jobs.append(job)
+        for i, prompt in enumerate([*request.inputs, *request.conversations]):
+            for j in range(n):
+                params = base
+                if j and base.HasField("seed"):  # the j-th completion's own seeded stream
+                    params = pb.SamplingParameters()
+                    params.CopyFrom(base)
+                    params.seed = (base.seed + j) & MAX_SEED
+                job = new_job(f"{record.request_id}/{i * n + j}", model, params, context, key.tenant, weight)
+                if isinstance(prompt, str):
+                    job.text = prompt
+                else:
+                    job.chat.messages.extend(prompt.messages)
+                jobs.append(job)
         return jobs
 
     async def _admit_generate(self, request: pb.GenerateRequest, context, record: CallRecord) -> Jobs:
@@ -132,14 +147,16 @@ class RouterServicer(pb_grpc.InferenceServicer):
         record.inputs = count
         num_chars = (sum(len(t) for t in request.inputs)
                      + sum(len(m.content) for c in conversations for m in c.messages))
-        well_formed = (0 < count <= MAX_INPUTS and not (request.inputs and conversations)
+        n = completions(request)
+        well_formed = (0 < count <= MAX_INPUTS and not (request.inputs and conversations) and 1 <= n <= MAX_N
                        and num_chars <= self.config.max_request_chars)
         default_max_new = admission.default_max_new(request.model)
         cost = 0
-        if well_formed:
+        if well_formed:  # each prompt once, each completion's budget
             params = request.parameters
             cost = (sum(estimate_text(t, params, default_max_new) for t in request.inputs)
-                    + sum(estimate_chat(c.messages, params, default_max_new) for c in conversations))
+                    + sum(estimate_chat(c.messages, params, default_max_new) for c in conversations)
+                    + (n - 1) * count * max_new(params, default_max_new))
         # Started ahead, the jobs' worker calls are on their way before the admission's Redis command is (gRPC sends
         # a call from a task it schedules at once; the limiter's commands go out at the end of this loop pass).
         ahead = self._dispatch_ahead(presented, request, cost, context, record) if well_formed else None
@@ -160,7 +177,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
                   reserved=cost, one_round_trip=admitted.decided is not None, dispatched_ahead=ahead is not None)
         jobs = await self._kept_ahead(ahead, model)
         if jobs is None:
-            jobs = self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
+            jobs = self.relay.fanout(self._jobs(request, model, context, record, key), context, record,
+                                     completions(request))
         try:
             await admission.headers_out(record, context)  # meanwhile the jobs run; their first events wait for it
         except BaseException:
@@ -183,7 +201,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
             return None
         if not self.admission.room_ahead(key, cost):
             return None
-        return model, self.relay.fanout(self._jobs(request, model, context, record, key), context, record)
+        return model, self.relay.fanout(self._jobs(request, model, context, record, key), context, record,
+                                        completions(request))
 
     async def _kept_ahead(self, ahead: tuple[str, Jobs] | None, model: str) -> Jobs | None:
         """The jobs dispatched ahead, if they are what was admitted."""
@@ -275,7 +294,22 @@ class RouterServicer(pb_grpc.InferenceServicer):
                                              for name in pool.models()])
 
 
+def billed(usage: pb.Usage, index: int, n: int) -> pb.Usage:
+    """What a completion costs its key: a prompt's later completions (index % n > 0) share its prefill, so only
+    their generated tokens count."""
+    if index % n == 0:
+        return usage
+    return pb.Usage(completion_tokens=usage.completion_tokens)
+
+
+def completions(request: pb.GenerateRequest) -> int:
+    """Completions per input (SamplingParameters.n, default 1)."""
+    return request.parameters.n if request.parameters.HasField("n") else 1
+
+
 def _check_inputs(request: pb.GenerateRequest) -> None:
+    if not 1 <= completions(request) <= MAX_N:
+        raise InvalidRequest("parameters.n", f"must be between 1 and {MAX_N}")
     if request.inputs and request.conversations:
         raise InvalidRequest("conversations", "set inputs or conversations, not both")
     if request.conversations:

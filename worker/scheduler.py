@@ -233,6 +233,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting.peek(first=self._below_share(counts, shares))
             prefix = self.block_manager.get_computed_prefix(seq)
+            if self._prefix_in_flight(seq, prefix):
+                break  # a running sequence is computing this prompt's next block now: admitted once it is cached
             num_new_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
             if not self._fits(seq, num_new_tokens, prefix):
                 break
@@ -242,6 +244,20 @@ class Scheduler:
         if self.waiting and budget > 0:
             return self._claim_fair_share(budget, counts, entries, preempted)
         return False
+
+    def _prefix_in_flight(self, seq: Sequence, prefix: CachedPrefix) -> bool:
+        """Whether a running sequence still in its prefill shares seq's prompt up to the block after its cached
+        prefix: then seq waits for those blocks instead of computing them a second time (the n completions of one
+        prompt, or equal prompts arriving together, prefill it once)."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return False
+        end = prefix.num_tokens + bm.block_size  # the next block seq would compute
+        if seq.num_prompt_tokens <= end:  # (its last block is never served from the cache: nothing to wait for)
+            return False
+        head = seq.token_ids[:end]
+        return any(other.num_computed_tokens < end <= other.num_prompt_tokens - 1 and other.token_ids[:end] == head
+                   for other in self.running)
 
     def _claim_fair_share(self, budget: int, counts: Counter[str], entries: dict[Sequence, ScheduledSeq],
                           preempted: list[Sequence]) -> bool:

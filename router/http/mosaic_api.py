@@ -37,11 +37,13 @@ class PredictRequest(BaseModel):
 
 def _parameters(raw: dict[str, Any]) -> pb.SamplingParameters:
     values: dict[str, Any] = {}
+    n = 1
     for name, value in raw.items():
         field = f"parameters.{name}"
         if name == "n":
-            if value != 1:
-                raise InvalidRequest(field, "only n=1 is supported")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+                raise InvalidRequest(field, "must be an integer between 1 and 16")
+            n = value
         elif name == "do_sample":  # (Hugging Face's switch: false is greedy)
             if not isinstance(value, bool):
                 raise InvalidRequest(field, "must be true or false")
@@ -70,16 +72,19 @@ def _parameters(raw: dict[str, Any]) -> pb.SamplingParameters:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidRequest(field, "must be a number")
             values.setdefault(name, float(value))  # (do_sample: false wins over a temperature)
-    return sampling(**values)
+    params = sampling(**values)
+    if n > 1:  # (outputs: the n completions of each input in turn)
+        params.n = n
+    return params
 
 
 def predict_exchange(model: str, body: PredictRequest, stream: bool) -> Exchange:
     inputs = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     if not inputs:
         raise InvalidRequest("inputs", "at least one input is required")
-    if stream and len(inputs) != 1:
-        raise InvalidRequest("inputs", f"streaming takes one input, got {len(inputs)}")
     request = pb.GenerateRequest(model=model, inputs=inputs, parameters=_parameters(body.parameters))
+    if stream and (len(inputs) != 1 or request.parameters.n > 1):
+        raise InvalidRequest("inputs", "streaming takes one input and one completion (n = 1)")
     renames: Renames = (("inputs[0]", "inputs[0]" if len(inputs) > 1 or not isinstance(body.inputs, str)
                          else "inputs"),)
     return PredictStream(request, renames, stream)

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.errors import InvalidRequest
 from protos.llamagrid.v1 import inference_pb2 as pb
 from router.http.exchange import MAX_UINT32, Exchange, Renames, sampling
+from router.servicer import billed
 
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16
 FINISH = {pb.LENGTH: "length", pb.STOP: "stop", pb.EOS: "stop", pb.CANCELLED: "stop"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -49,7 +51,7 @@ class _Common(_Open):
     top_p: float | None = Field(None, description="Nucleus mass, in (0, 1].")
     stop: str | list[str] | None = Field(None, description="Up to 16 strings; the text ends before the first.")
     seed: int | None = Field(None, description="Reproducible sampling.")
-    n: int | None = Field(None, description="Only 1.")
+    n: int | None = Field(None, description="1 to 16 completions (choices) per prompt, the prompt prefilled once.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored (never logged).")
@@ -89,8 +91,8 @@ class CompletionRequest(_Common):
 
 
 def _refuse_unsupported(body: _Common) -> None:
-    if body.n not in (None, 1):
-        raise InvalidRequest("n", "only n=1 is supported")
+    if body.n is not None and not 1 <= body.n <= MAX_N:
+        raise InvalidRequest("n", f"must be between 1 and {MAX_N}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value is not None and not -2 <= value <= 2:
@@ -113,10 +115,13 @@ def _refuse_unsupported(body: _Common) -> None:
 
 def _parameters(body: _Common, max_tokens: int | None) -> pb.SamplingParameters:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return sampling(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    params = sampling(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     seed=body.seed, stop=stop, repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                     min_new_tokens=body.min_tokens)
+    if body.n is not None and body.n > 1:
+        params.n = body.n
+    return params
 
 
 def _include_usage(body: _Common) -> bool:
@@ -233,9 +238,11 @@ def usage_json(usage: pb.Usage) -> dict:
             "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
 
 
-def _sum_usage(usages) -> pb.Usage:
+def _sum_usage(usages, n: int = 1) -> pb.Usage:
+    """The usage of a reply: every completion's, a prompt's tokens once for its n completions (router.servicer)."""
     total = pb.Usage()
-    for u in usages:
+    for index, u in enumerate(usages):
+        u = billed(u, index, n)
         total.prompt_tokens += u.prompt_tokens
         total.completion_tokens += u.completion_tokens
         total.cached_prompt_tokens += u.cached_prompt_tokens
@@ -252,8 +259,9 @@ class _OpenAIStream(Exchange):
     def __init__(self, request: pb.GenerateRequest, renames: Renames, stream: bool, include_usage: bool) -> None:
         super().__init__(request, renames, stream)
         self.include_usage = include_usage
+        self.n = request.parameters.n or 1
         self.created = int(time.time())
-        self.usages: list[pb.Usage] = []
+        self.usages: dict[int, pb.Usage] = {}  # choice index -> its usage, as each choice finishes
         self._head = ""
 
     def begin(self, request_id: str, model: str) -> None:
@@ -266,7 +274,7 @@ class _OpenAIStream(Exchange):
     def end(self) -> bytes:
         tail = ""
         if self.include_usage:
-            usage = _DUMPS(usage_json(_sum_usage(self.usages)))
+            usage = _DUMPS(usage_json(_sum_usage([self.usages[i] for i in sorted(self.usages)], self.n)))
             tail = (f'data: {{"id":{_DUMPS(self.id)},"object":"{self.kind}","created":{self.created},'
                     f'"model":{_DUMPS(self.model)},"choices":[],"usage":{usage}}}\n\n')
         return (tail + "data: [DONE]\n\n").encode()
@@ -281,7 +289,7 @@ class _OpenAIStream(Exchange):
                        "choices": [{"index": i, **content(out), "logprobs": self.logprobs_json(out.logprobs, 0),
                                     "finish_reason": FINISH.get(out.finish_reason, "stop")}
                                    for i, out in enumerate(response.outputs)],
-                       "usage": usage_json(_sum_usage(o.usage for o in response.outputs))}).encode()
+                       "usage": usage_json(_sum_usage([o.usage for o in response.outputs], self.n))}).encode()
 
     def logprobs_json(self, logprobs, offset: int) -> dict | None:
         raise NotImplementedError
@@ -303,7 +311,7 @@ class ChatStream(_OpenAIStream):
         finish = "null"
         if chunk.finish_reason:
             finish = f'"{FINISH[chunk.finish_reason]}"'
-            self.usages.append(chunk.usage)
+            self.usages[chunk.index] = chunk.usage
         logprobs = _DUMPS(self.logprobs_json(chunk.logprobs, 0)) if chunk.logprobs else "null"
         return (f'{self._head}{{"index":{chunk.index},"delta":{_DUMPS(delta)},"logprobs":{logprobs},'
                 f'"finish_reason":{finish}}}]}}\n\n').encode()
@@ -333,7 +341,7 @@ class CompletionStream(_OpenAIStream):
         finish = "null"
         if chunk.finish_reason:
             finish = f'"{FINISH[chunk.finish_reason]}"'
-            self.usages.append(chunk.usage)
+            self.usages[chunk.index] = chunk.usage
         logprobs = "null"
         if chunk.logprobs:
             offset = self._offsets.get(chunk.index, 0)

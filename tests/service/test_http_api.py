@@ -269,3 +269,28 @@ def test_probes_and_openapi_schema(router):
     with urllib.request.urlopen(f"{router.http_url}/openapi.json", timeout=10) as resp:
         schema = json.loads(resp.read())
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/{model}/v1/predict"} <= set(schema["paths"])
+
+
+def test_n_completions_share_one_prefill_and_bill_the_prompt_once(router, client, model, keys):
+    prompt = "Write a line about the sea. " * 12  # several blocks of 16 tokens
+    reply = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=5, n=4)
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]
+    assert len({c.text for c in reply.choices}) > 1, "four seeded streams, not one completion four times"
+    # the prompt is counted once, and the three later completions found it in the prefix cache
+    one = client.completions.create(model=model, prompt=prompt + " once", max_tokens=8, temperature=1.0, seed=5)
+    assert reply.usage.prompt_tokens < 2 * one.usage.prompt_tokens
+    grpc_reply = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=[prompt + " again"],
+        parameters=pb.SamplingParameters(max_new_tokens=4, temperature=0.8, seed=9, n=4)))
+    cached = sorted(o.usage.cached_prompt_tokens for o in grpc_reply.outputs)
+    assert len(grpc_reply.outputs) == 4 and cached[1] >= 16 * 4, cached
+    # seeded: the j-th completion is the same stream as a single request with seed + j
+    for j in range(4):
+        single = _grpc_generate(router, keys["gen"], pb.GenerateRequest(model=model, inputs=[prompt + " again"],
+            parameters=pb.SamplingParameters(max_new_tokens=4, temperature=0.8, seed=9 + j)))
+        assert single.outputs[0].token_ids == grpc_reply.outputs[j].token_ids
+    streamed = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=1.0,
+                                                   n=3, stream=True, stream_options={"include_usage": True}))
+    assert {c.choices[0].index for c in streamed if c.choices} == {0, 1, 2}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="x", n=17)
+    assert err.value.body["param"] == "n"

@@ -24,57 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/llamagrid/v1/inference.proto\x12\x0cllamagrid.v1\"\x97\x04\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x0b \x01(\rH\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\r \x01(\t\x12\r\n\x05regex\x18\x0e \x01(\t\x12\x13\n\x0bjson_object\x18\x0f \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_min_new_tokensB\x0b\n\t_logprobs\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.llamagrid.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x99\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\x31\n\rconversations\x18\x04 \x03(\x0b\x32\x1a.llamagrid.v1.Conversation\";\n\x0c\x43onversation\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb2\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\"=\n\x10GenerateResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.llamagrid.v1.Completion\"\xc4\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"|\n\x08\x43hatTurn\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\r\n\x05model\x18\x03 \x01(\t\"\x0c\n\nCancelTurn\"k\n\x0b\x43hatRequest\x12&\n\x04turn\x18\x01 \x01(\x0b\x32\x16.llamagrid.v1.ChatTurnH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.llamagrid.v1.CancelTurnH\x00\x42\x08\n\x06\x61\x63tion\"Z\n\tChatDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\"`\n\x07TurnEnd\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.llamagrid.v1.Usage\"d\n\tChatEvent\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.llamagrid.v1.ChatDeltaH\x00\x12$\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x15.llamagrid.v1.TurnEndH\x00\x42\x07\n\x05\x65vent\"d\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.llamagrid.v1.ChatTurnH\x00\x42\x07\n\x05input\"9\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.llamagrid.v1.ModelInfo*[\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\x8b\x03\n\tInference\x12I\n\x08Generate\x12\x1d.llamagrid.v1.GenerateRequest\x1a\x1e.llamagrid.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.llamagrid.v1.GenerateRequest\x1a\x1b.llamagrid.v1.GenerateChunk0\x01\x12>\n\x04\x43hat\x12\x19.llamagrid.v1.ChatRequest\x1a\x17.llamagrid.v1.ChatEvent(\x01\x30\x01\x12R\n\x0b\x43ountTokens\x12 .llamagrid.v1.CountTokensRequest\x1a!.llamagrid.v1.CountTokensResponse\x12O\n\nListModels\x12\x1f.llamagrid.v1.ListModelsRequest\x1a .llamagrid.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/llamagrid/v1/inference.proto\x12\x0cllamagrid.v1\"\xad\x04\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x0b \x01(\rH\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\r \x01(\t\x12\r\n\x05regex\x18\x0e \x01(\t\x12\x13\n\x0bjson_object\x18\x0f \x01(\x08\x12\x0e\n\x01n\x18\x10 \x01(\rH\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_min_new_tokensB\x0b\n\t_logprobsB\x04\n\x02_n\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.llamagrid.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x99\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\x31\n\rconversations\x18\x04 \x03(\x0b\x32\x1a.llamagrid.v1.Conversation\";\n\x0c\x43onversation\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb2\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\"=\n\x10GenerateResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.llamagrid.v1.Completion\"\xc4\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.llamagrid.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"|\n\x08\x43hatTurn\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.llamagrid.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .llamagrid.v1.SamplingParameters\x12\r\n\x05model\x18\x03 \x01(\t\"\x0c\n\nCancelTurn\"k\n\x0b\x43hatRequest\x12&\n\x04turn\x18\x01 \x01(\x0b\x32\x16.llamagrid.v1.ChatTurnH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.llamagrid.v1.CancelTurnH\x00\x42\x08\n\x06\x61\x63tion\"Z\n\tChatDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.llamagrid.v1.TokenLogprob\"`\n\x07TurnEnd\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.llamagrid.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.llamagrid.v1.Usage\"d\n\tChatEvent\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.llamagrid.v1.ChatDeltaH\x00\x12$\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x15.llamagrid.v1.TurnEndH\x00\x42\x07\n\x05\x65vent\"d\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.llamagrid.v1.ChatTurnH\x00\x42\x07\n\x05input\"9\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.llamagrid.v1.ModelInfo*[\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\x8b\x03\n\tInference\x12I\n\x08Generate\x12\x1d.llamagrid.v1.GenerateRequest\x1a\x1e.llamagrid.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.llamagrid.v1.GenerateRequest\x1a\x1b.llamagrid.v1.GenerateChunk0\x01\x12>\n\x04\x43hat\x12\x19.llamagrid.v1.ChatRequest\x1a\x17.llamagrid.v1.ChatEvent(\x01\x30\x01\x12R\n\x0b\x43ountTokens\x12 .llamagrid.v1.CountTokensRequest\x1a!.llamagrid.v1.CountTokensResponse\x12O\n\nListModels\x12\x1f.llamagrid.v1.ListModelsRequest\x1a .llamagrid.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.llamagrid.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2389
-  _globals['_FINISHREASON']._serialized_end=2480
+  _globals['_FINISHREASON']._serialized_start=2411
+  _globals['_FINISHREASON']._serialized_end=2502
   _globals['_SAMPLINGPARAMETERS']._serialized_start=54
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=589
-  _globals['_TOKENLOGPROB']._serialized_start=591
-  _globals['_TOKENLOGPROB']._serialized_end=694
-  _globals['_TOPLOGPROB']._serialized_start=696
-  _globals['_TOPLOGPROB']._serialized_end=758
-  _globals['_GENERATEREQUEST']._serialized_start=761
-  _globals['_GENERATEREQUEST']._serialized_end=914
-  _globals['_CONVERSATION']._serialized_start=916
-  _globals['_CONVERSATION']._serialized_end=975
-  _globals['_USAGE']._serialized_start=977
-  _globals['_USAGE']._serialized_end=1064
-  _globals['_COMPLETION']._serialized_start=1067
-  _globals['_COMPLETION']._serialized_end=1245
-  _globals['_GENERATERESPONSE']._serialized_start=1247
-  _globals['_GENERATERESPONSE']._serialized_end=1308
-  _globals['_GENERATECHUNK']._serialized_start=1311
-  _globals['_GENERATECHUNK']._serialized_end=1507
-  _globals['_CHATMESSAGE']._serialized_start=1509
-  _globals['_CHATMESSAGE']._serialized_end=1553
-  _globals['_CHATTURN']._serialized_start=1555
-  _globals['_CHATTURN']._serialized_end=1679
-  _globals['_CANCELTURN']._serialized_start=1681
-  _globals['_CANCELTURN']._serialized_end=1693
-  _globals['_CHATREQUEST']._serialized_start=1695
-  _globals['_CHATREQUEST']._serialized_end=1802
-  _globals['_CHATDELTA']._serialized_start=1804
-  _globals['_CHATDELTA']._serialized_end=1894
-  _globals['_TURNEND']._serialized_start=1896
-  _globals['_TURNEND']._serialized_end=1992
-  _globals['_CHATEVENT']._serialized_start=1994
-  _globals['_CHATEVENT']._serialized_end=2094
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=2096
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=2196
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2198
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2255
-  _globals['_LISTMODELSREQUEST']._serialized_start=2257
-  _globals['_LISTMODELSREQUEST']._serialized_end=2276
-  _globals['_MODELINFO']._serialized_start=2278
-  _globals['_MODELINFO']._serialized_end=2324
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2326
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2387
-  _globals['_INFERENCE']._serialized_start=2483
-  _globals['_INFERENCE']._serialized_end=2878
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=611
+  _globals['_TOKENLOGPROB']._serialized_start=613
+  _globals['_TOKENLOGPROB']._serialized_end=716
+  _globals['_TOPLOGPROB']._serialized_start=718
+  _globals['_TOPLOGPROB']._serialized_end=780
+  _globals['_GENERATEREQUEST']._serialized_start=783
+  _globals['_GENERATEREQUEST']._serialized_end=936
+  _globals['_CONVERSATION']._serialized_start=938
+  _globals['_CONVERSATION']._serialized_end=997
+  _globals['_USAGE']._serialized_start=999
+  _globals['_USAGE']._serialized_end=1086
+  _globals['_COMPLETION']._serialized_start=1089
+  _globals['_COMPLETION']._serialized_end=1267
+  _globals['_GENERATERESPONSE']._serialized_start=1269
+  _globals['_GENERATERESPONSE']._serialized_end=1330
+  _globals['_GENERATECHUNK']._serialized_start=1333
+  _globals['_GENERATECHUNK']._serialized_end=1529
+  _globals['_CHATMESSAGE']._serialized_start=1531
+  _globals['_CHATMESSAGE']._serialized_end=1575
+  _globals['_CHATTURN']._serialized_start=1577
+  _globals['_CHATTURN']._serialized_end=1701
+  _globals['_CANCELTURN']._serialized_start=1703
+  _globals['_CANCELTURN']._serialized_end=1715
+  _globals['_CHATREQUEST']._serialized_start=1717
+  _globals['_CHATREQUEST']._serialized_end=1824
+  _globals['_CHATDELTA']._serialized_start=1826
+  _globals['_CHATDELTA']._serialized_end=1916
+  _globals['_TURNEND']._serialized_start=1918
+  _globals['_TURNEND']._serialized_end=2014
+  _globals['_CHATEVENT']._serialized_start=2016
+  _globals['_CHATEVENT']._serialized_end=2116
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2118
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2218
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2220
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2277
+  _globals['_LISTMODELSREQUEST']._serialized_start=2279
+  _globals['_LISTMODELSREQUEST']._serialized_end=2298
+  _globals['_MODELINFO']._serialized_start=2300
+  _globals['_MODELINFO']._serialized_end=2346
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2348
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2409
+  _globals['_INFERENCE']._serialized_start=2505
+  _globals['_INFERENCE']._serialized_end=2900
 # @@protoc_insertion_point(module_scope)
