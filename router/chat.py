@@ -132,6 +132,9 @@ class ChatCall:
         record = self.record = next_turn(self.record, f"{session.request_id}/{n}", n)
         field_ = f"turns[{n}]"
         self.admission.check_size(sum(len(m.content) for m in turn.messages), f"{field_}.messages")
+        if turn.parameters.HasField("n") and turn.parameters.n != 1:
+            raise InvalidRequest(f"{field_}.parameters.n", "a Chat turn has one reply; use Generate with "
+                                                           "conversations for n completions")
         if n == 0:
             session.model = self.admission.resolve_model(self.key, turn.model)
         record.model = session.model

@@ -294,3 +294,12 @@ def test_n_completions_share_one_prefill_and_bill_the_prompt_once(router, client
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="x", n=17)
     assert err.value.body["param"] == "n"
+
+
+def test_a_chat_turn_asking_for_n_completions_is_refused_naming_the_field(router, keys):
+    turn = pb.ChatRequest(turn=pb.ChatTurn(messages=[pb.ChatMessage(role="user", content="hi")],
+                                           parameters=pb.SamplingParameters(n=2)))
+    with grpc.insecure_channel(router.address) as ch, pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.InferenceStub(ch).Chat(iter([turn]), metadata=auth(keys["gen"]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("turns[0].parameters.n: "), err.value.details()
