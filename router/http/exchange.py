@@ -10,34 +10,17 @@ Renames = tuple[tuple[str, str], ...]
 MAX_UINT32 = (1 << 32) - 1  # the largest max_new_tokens or top_k the wire format holds
 
 
-def sampling(*, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None, stop=None,
-             repetition_penalty=None, ignore_eos=None, presence_penalty=None, frequency_penalty=None,
-             min_new_tokens=None) -> pb.SamplingParameters:
-    """SamplingParameters with only the fields given (unset ones take the model's defaults). A seed of any
-    integer is accepted, as OpenAI's is, and reduced to the 64 bits the workers take."""
+def sampling(**fields) -> pb.SamplingParameters:
+    """SamplingParameters with only the fields given (None, False or an empty stop list: unset, so the model's
+    defaults apply). A seed of any integer is accepted, as OpenAI's is, and reduced to the 64 bits the workers take."""
     params = pb.SamplingParameters()
-    if max_new_tokens is not None:
-        params.max_new_tokens = max_new_tokens
-    if temperature is not None:
-        params.temperature = temperature
-    if top_p is not None:
-        params.top_p = top_p
-    if top_k is not None:
-        params.top_k = top_k
-    if seed is not None:
-        params.seed = seed % (1 << 64)
-    if stop:
-        params.stop.extend(stop)
-    if repetition_penalty is not None:
-        params.repetition_penalty = repetition_penalty
-    if ignore_eos:
-        params.ignore_eos = True
-    if presence_penalty is not None:
-        params.presence_penalty = presence_penalty
-    if frequency_penalty is not None:
-        params.frequency_penalty = frequency_penalty
-    if min_new_tokens is not None:
-        params.min_new_tokens = min_new_tokens
+    for name, value in fields.items():
+        if value is None or value is False or (name == "stop" and not value):
+            continue
+        if name == "stop":
+            params.stop.extend(value)
+        else:
+            setattr(params, name, value % (1 << 64) if name == "seed" else value)
     return params
 
 

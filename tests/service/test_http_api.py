@@ -176,7 +176,7 @@ def test_errors_are_openai_errors_naming_the_field(router, client, model, keys):
         client.chat.completions.create(model=model, messages=MESSAGES, presence_penalty=2.5)
     assert err.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=model, messages=MESSAGES, n=2)
+        client.chat.completions.create(model=model, messages=MESSAGES, n=17)
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as err:  # a field the worker checks, named as the client sent it
         client.chat.completions.create(model=model, messages=MESSAGES, extra_body={"repetition_penalty": 0})
