@@ -78,10 +78,6 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        v = bitmask[row]
-        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
-
     def accept(self, token: int) -> None:
         # a token the mask allowed is always accepted; after the grammar stops (its end-of-sequence taken) there is
         # nothing left to check
@@ -103,10 +99,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed, -float("inf"))
 
 
+_EXECUTOR: llguidance.LLExecutor | None = None
+
+
 def fill_all(constraints, bitmask: torch.Tensor) -> torch.Tensor:
-    for row, constraint in enumerate(constraints):
-        if constraint is not None:
-            constraint.fill(bitmask, row)
+    """Row i of bitmask [N, ceil(V/32)] from constraints[i] (None: the row stays all ones). One call for the whole
+    batch, which llguidance computes without the GIL (and in parallel on its own threads): a call per row would take
+    the GIL back after each row, from a model step that holds it between its operations."""
+    global _EXECUTOR
+    rows = [(c.matcher, row) for row, c in enumerate(constraints) if c is not None]
+    if rows:
+        if _EXECUTOR is None:
+            _EXECUTOR = llguidance.LLExecutor()
+        _EXECUTOR.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
     return bitmask
 
 

@@ -55,7 +55,7 @@ class ModelRunner:
         self._progress: Callable[[], object] | None = None
         self._last_progress: object = None
         self.logprobs: dict = {}  # request id -> TokenLogprobs of the last step, for the requests that asked
-        # one thread filling grammar masks during the model's step (llguidance computes them without the GIL)
+        # one thread filling grammar masks during the model's step (worker.grammar.fill_all: one call, without the GIL)
         self._masks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = None  # decode steps as CUDA graphs: one GPU rank only (worker.cuda_graphs)
         if cuda_graphs and device.type == "cuda" and self.tp.size == 1:
