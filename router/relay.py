@@ -162,6 +162,11 @@ class RelayedJob:
         self._call = self._lease = self._error = self._events = None
         self._target = ""
 
+    @property
+    def target(self) -> str | None:
+        """The worker its current call is on (None before any)."""
+        return self._target or None
+
     def start(self) -> RelayedJob:
         """Open the first worker call now. Finding no worker is reported by events(): the caller may yet be refused
         for a reason of its own (its key), which the client must hear first."""
@@ -353,8 +358,9 @@ class Relay:
         first one's worker while it is healthy, which prefills the prompt once for all of them."""
         relayed: list[RelayedJob] = []
         for k, job in enumerate(jobs):
-            prefer = relayed[k - k % n]._target or None if k % n else None
-            relayed.append(self.job(job, context, record=record, renamed=renames(job, n), prefer=prefer))
+            first = relayed[k - k % n] if k % n else None  # (this prompt's first completion, already started)
+            relayed.append(self.job(job, context, record=record, renamed=renames(job, n),
+                                    prefer=first.target if first is not None else None))
         return merged(relayed, self.lag_watch)
 
     @staticmethod
