@@ -1,15 +1,13 @@
-"""Paged decode attention with torch's FlexAttention, read in place from the KV pool, against the worker's gather
-path (index_select of each sequence's blocks into a padded buffer, then SDPA), in one run, on CPU or GPU.
+"""Decode attention of the worker both ways in one run, on CPU or GPU: FlexAttention reading the KV pool in place
+(`--decode-attention flex`, worker.model.flex_decode) against the gather path (each sequence's blocks copied into
+a padded buffer, then SDPA; worker.model.attention), through worker.model.attention.paged_attention itself.
 
     .venv/bin/python bench/flex_paged_decode.py [--seqs 8] [--context 300] [--pool-blocks 4096] [--device cpu]
 
 The pool is one layer's [num_blocks, block_size, kv_heads, head_dim] cache; each of `--seqs` sequences owns random
-blocks of it and decodes one token. FlexAttention sees the whole pool as one key/value sequence shared by the batch
-and a BlockMask built straight from the block tables (BlockMask.from_kv_blocks: a sequence's full pages need no
-mask, its last partial page masks positions past its length), so nothing is copied; the mask costs a few tensor ops
-per step, not create_block_mask's evaluation of every (sequence, slot) pair. Printed: the largest difference from
-the gather path (parity), the compile time, and ms per call of both paths. A probe towards issue 19's GPU decode
-path; the worker does not use it yet.
+blocks of it (contexts of context/2..context tokens) and decodes one token. Printed: the largest difference
+between the paths (parity), the first call's compile time, and ms per call of each: the step's plan (built once
+per forward, shared by every layer) and one layer's attention.
 """
 
 from __future__ import annotations
@@ -18,68 +16,48 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.model.attention import paged_attention, plan_attention  # noqa: E402
+from worker.model.context import AttentionContext  # noqa: E402
+from worker.model.flex_decode import FlexDecode  # noqa: E402
 
 
-def pool(args, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_step(args, device) -> tuple[AttentionContext, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """A decode-only step over a random pool: its context, q/k/v of the new tokens and the two caches."""
     gen = torch.Generator().manual_seed(args.seed)
-    shape = (args.pool_blocks, args.block_size, args.kv_heads, args.head_dim)
+    bs = args.block_size
+    shape = (args.pool_blocks, bs, args.kv_heads, args.head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     lens = torch.randint(args.context // 2, args.context + 1, (args.seqs,), generator=gen)
-    width = (args.context + args.block_size - 1) // args.block_size
+    width = (args.context + bs - 1) // bs
     tables = torch.randperm(args.pool_blocks, generator=gen)[: args.seqs * width].view(args.seqs, width)
+    last = lens - 1
+    slots = tables.gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs
+    ctx = AttentionContext(
+        query_lens=[1] * args.seqs, context_lens=lens.tolist(), cu_query_lens=torch.arange(args.seqs + 1).to(device),
+        context_lens_t=lens.to(device), slot_mapping=slots.to(device), block_tables=tables.to(device), block_size=bs,
+    )
     q = torch.randn(args.seqs, args.heads, args.head_dim, generator=gen)
-    return (k_cache.to(device), v_cache.to(device), tables.to(torch.int32).to(device), lens.to(device),
-            q.to(device))
+    k = torch.randn(args.seqs, args.kv_heads, args.head_dim, generator=gen)
+    v = torch.randn(args.seqs, args.kv_heads, args.head_dim, generator=gen)
+    return ctx, q.to(device), k.to(device), v.to(device), k_cache.to(device), v_cache.to(device)
 
 
-def block_mask(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, block_size: int) -> BlockMask:
-    """The decode batch's BlockMask over the pool: per sequence its full pages, and its last page if partial."""
-    seqs, width = tables.shape
-    device = tables.device
-    full = (lens // block_size).to(torch.int32)
-    used = ((lens + block_size - 1) // block_size).to(torch.int32)
-    full_idx = torch.zeros(seqs, 1, 1, num_blocks, dtype=torch.int32, device=device)
-    full_idx[:, 0, 0, :width] = tables
-    part_idx = torch.zeros(seqs, 1, 1, num_blocks, dtype=torch.int32, device=device)
-    last = tables.gather(1, full.clamp(max=width - 1).long()[:, None])[:, 0]
-    part_idx[:, 0, 0, 0] = last
-    # each slot's position in its sequence: a shared (prefix-cached) page sits at the same position in every
-    # sequence that holds it, so one tensor serves them all
-    pos = torch.zeros(num_blocks * block_size, dtype=torch.int32, device=device)
-    page_start = torch.arange(width, device=device, dtype=torch.int32)[None, :].expand(seqs, width) * block_size
-    slots = tables.long()[:, :, None] * block_size + torch.arange(block_size, device=device)[None, None, :]
-    pos[slots.reshape(-1)] = (page_start[:, :, None] + torch.arange(block_size, device=device,
-                                                                    dtype=torch.int32)).reshape(-1)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return pos[kv_idx] < lens[b]
-
-    return BlockMask.from_kv_blocks((used - full).view(seqs, 1, 1), part_idx, full.view(seqs, 1, 1), full_idx,
-                                    BLOCK_SIZE=(1, block_size), mask_mod=mask_mod,
-                                    seq_lengths=(1, num_blocks * block_size))
-
-
-def gather_decode(q, k_cache, v_cache, tables, lens, scale) -> torch.Tensor:
-    """The worker's path: each sequence's blocks gathered into a padded buffer, SDPA with a length mask."""
-    seqs, width = tables.shape
-    bs, kv_heads, head_dim = k_cache.shape[1:]
-    k = k_cache.index_select(0, tables.reshape(-1).long()).view(seqs, width * bs, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, tables.reshape(-1).long()).view(seqs, width * bs, kv_heads, head_dim).transpose(1, 2)
-    mask = (torch.arange(width * bs, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
-    heads = q.shape[1]
-    q = q.view(seqs, kv_heads, heads // kv_heads, head_dim)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(seqs, heads, head_dim)
-
-
-def timed(fn, rounds: int) -> float:
+def timed(fn, rounds: int, device: torch.device) -> float:
     times = []
     for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -98,32 +76,34 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    k_cache, v_cache, tables, lens, q = pool(args, device)
+    ctx, q, k, v, k_cache, v_cache = decode_step(args, device)
     scale = args.head_dim ** -0.5
-    n, bs = args.pool_blocks, args.block_size
-    keys = k_cache.view(1, n * bs, args.kv_heads, args.head_dim).transpose(1, 2).expand(args.seqs, -1, -1, -1)
-    values = v_cache.view(1, n * bs, args.kv_heads, args.head_dim).transpose(1, 2).expand(args.seqs, -1, -1, -1)
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = FlexDecode(args.pool_blocks, args.block_size, args.seqs, device)
 
-    def flex_decode():
-        mask = block_mask(tables, lens, n, bs)
-        return flex(q[:, :, None, :], keys, values, block_mask=mask, enable_gqa=True, scale=scale)[:, :, 0]
+    def flex_plan():
+        return plan_attention(ctx, flex)
+
+    def flex_layer(plan):
+        return paged_attention(q, k, v, k_cache, v_cache, ctx, scale, plan)
 
     t0 = time.perf_counter()
-    out = flex_decode()
+    out = flex_layer(flex_plan())
     compile_s = time.perf_counter() - t0
-    ref = gather_decode(q, k_cache, v_cache, tables, lens, scale)
+    ref = paged_attention(q, k, v, k_cache, v_cache, ctx, scale, plan_attention(ctx))
     diff = (out - ref).abs().max().item()
-    mask_ms = timed(lambda: block_mask(tables, lens, n, bs), args.rounds)
-    flex_ms = timed(flex_decode, args.rounds)
-    gather_ms = timed(lambda: gather_decode(q, k_cache, v_cache, tables, lens, scale), args.rounds)
-    print(f"{args.seqs} sequences of {args.context // 2}-{args.context} tokens, {n} pool blocks of {bs} "
-          f"({args.heads}/{args.kv_heads} heads, head dim {args.head_dim}), {device}")
+    plan = flex_plan()
+    flex_plan_ms = timed(flex_plan, args.rounds, device)
+    flex_ms = timed(lambda: flex_layer(plan), args.rounds, device)
+    gather_plan_ms = timed(lambda: plan_attention(ctx), args.rounds, device)
+    gplan = plan_attention(ctx)
+    gather_ms = timed(lambda: paged_attention(q, k, v, k_cache, v_cache, ctx, scale, gplan), args.rounds, device)
+    print(f"{args.seqs} sequences of {args.context // 2}-{args.context} tokens, {args.pool_blocks} pool blocks of "
+          f"{args.block_size} ({args.heads}/{args.kv_heads} heads, head dim {args.head_dim}), {device}")
     print(f"  parity: max |flex - gather| = {diff:.2e}")
-    print(f"  flex:   {flex_ms:.3f} ms per call (of which the block mask {mask_ms:.3f} ms); "
-          f"compiled in {compile_s:.1f} s")
-    print(f"  gather: {gather_ms:.3f} ms per call")
-    print(f"flex / gather: {flex_ms / gather_ms:.2f}x")
+    print(f"  flex:   {flex_ms:.3f} ms per layer, plan {flex_plan_ms:.3f} ms per step; first call (compile) "
+          f"{compile_s:.1f} s")
+    print(f"  gather: {gather_ms:.3f} ms per layer, plan {gather_plan_ms:.3f} ms per step")
+    print(f"flex / gather per layer: {flex_ms / gather_ms:.2f}x")
     return 0 if diff < 1e-4 else 1
 
 

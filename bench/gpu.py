@@ -18,8 +18,9 @@ the phases are, each timed, budgeted and in its own try/except (a failure is rec
   hf_throughput  the 256-request workload (prompts 32..512, 128 outputs, seed 0) in arrival-order batches of 32,
               static cache, prompts left-padded to 512 so every batch has the same shapes (no recompiles)
   decode      our ModelRunner + Scheduler (what the worker runs), CUDA graphs on: ms per decode step at batch
-              1, 8, 32, 128 (prompt 128), and eager at batch 1; floor per step = (weight bytes + KV bytes read) /
-              measured bandwidth
+              1, 8, 32, 128 (prompt 128); then eager at batch 1 and 128 with each decode attention, the gather
+              path ("1_eager") and FlexAttention reading the pool in place ("1_flex", --decode-attention flex);
+              floor per step = (weight bytes + KV bytes read) / measured bandwidth
   throughput  our Engine (the worker's engine thread) on the same 256 requests, all submitted at once
 Writes a JSON report (--out) and prints the acceptance checks as PASS/FAIL:
   batch-1 decode <= 1.25x floor (7B); throughput >= 3x transformers static-cache generate() at batch 32 (7B);
@@ -32,10 +33,10 @@ Writes a JSON report (--out) and prints the acceptance checks as PASS/FAIL:
 Status of the GPU features this measures: bf16 weights and KV cache (--dtype auto on CUDA), the KV pool sized from
 free GPU memory (worker.kv_sizing.plan_kv_cache, --kv-memory-fraction) and decode CUDA graphs per (batch bucket,
 context bucket) in worker/cuda_graphs.py (--cuda-graphs), tested on CPU only. Decode attention
-still gathers each sequence's blocks into a padded buffer before SDPA (worker.model.attention): at batch 128 and
-~600-token contexts that gather moves several times the weight bytes per step, so the >= 3x throughput target
-likely needs attention that reads the blocks in place (FlexAttention with a block mask, a Triton kernel, or a
-packaged paged kernel) -- to be chosen by measurement on the GPU with this script.
+gathers each sequence's blocks into a padded buffer before SDPA by default (worker.model.attention): at batch 128
+and ~600-token contexts that gather moves several times the weight bytes per step. `--decode-attention flex`
+(worker.model.flex_decode) reads the pool in place with FlexAttention instead; it is tested on CPU (where it is
+about 8x slower than the gather, so off) and is to be chosen by the decode phase's "_eager" vs "_flex" rows here.
 """
 
 from __future__ import annotations
@@ -366,6 +367,7 @@ def _runner_stack(ours, c, cfg, device, dtype, tok_dir, *, num_seqs: int, max_to
 
 
 def phase_decode(ours, c, cfg, device, dtype, tok_dir, bandwidth: float | None, budget: Budget) -> dict:
+    from worker.model.flex_decode import FlexDecode
     from worker.sequence import SamplingParams, Sequence
 
     weight_bytes = param_bytes(ours)
@@ -376,14 +378,21 @@ def phase_decode(ours, c, cfg, device, dtype, tok_dir, bandwidth: float | None, 
     out = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "kv_pool_tokens":
            layout.num_blocks * layout.block_size, "cuda_graphs": runner.graphs is not None, "batches": {}}
     rng = random.Random(3)
-    runs = [(b, True) for b in cfg["decode_batches"]] + [(1, False)]
-    for b, use_graphs in runs:
+    # graphs (gather attention captured), then eager gather vs eager FlexAttention in place at the smallest and
+    # largest batch: which decode attention wins is read from "<b>_eager" vs "<b>_flex"
+    ends = sorted({min(cfg["decode_batches"]), biggest})
+    runs = [(b, "graphs") for b in cfg["decode_batches"]] + [(b, m) for b in ends for m in ("eager", "flex")]
+    flex = FlexDecode(layout.num_blocks, layout.block_size, biggest, device)
+    for b, mode in runs:
+        key = f"{b}{'' if mode == 'graphs' else '_' + mode}"
         if budget.left < 20:
-            out["batches"][f"{b}{'' if use_graphs else '_eager'}"] = {"skipped": "time budget"}
+            out["batches"][key] = {"skipped": "time budget"}
             continue
         saved = runner.graphs
-        if not use_graphs:
+        if mode != "graphs":
             runner.graphs = None
+        if mode == "flex":
+            ours.model.flex_decode = flex
         try:
             steps = cfg["decode_steps"]
             warm = 3
@@ -407,15 +416,17 @@ def phase_decode(ours, c, cfg, device, dtype, tok_dir, bandwidth: float | None, 
                 scheduler.update(batch, sampled)
             times, kv_read = times[warm:warm + steps], kv_read[warm:warm + steps]
             ms = percentile([x * 1e3 for x in times], 50)
-            r = {"batch": b, "graphs": runner.graphs is not None, "steps": len(times), "ms_per_step": ms,
+            r = {"batch": b, "graphs": runner.graphs is not None, "attention": "flex" if mode == "flex" else "gather",
+                 "steps": len(times), "ms_per_step": ms,
                  "tokens_per_s": b * 1e3 / ms, "kv_bytes_per_step": sum(kv_read) / max(1, len(kv_read))}
             if bandwidth:
                 r["floor_ms"] = (weight_bytes + r["kv_bytes_per_step"]) / bandwidth * 1e3
                 r["ratio_to_floor"] = ms / r["floor_ms"]
-            out["batches"][f"{b}{'' if use_graphs else '_eager'}"] = r
+            out["batches"][key] = r
             scheduler.block_manager.reset_prefix_cache()
         finally:
             runner.graphs = saved
+            ours.model.flex_decode = None
     if runner.graphs is not None:
         out["graph_stats"] = runner.graphs.stats()
     del runner, scheduler
@@ -610,8 +621,23 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for n, ok, d in checks(report):
         print(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}: {n}: {d}")
+    for line in attention_choice(report):
+        print(line)
     print(f"report: {args.out} ({report['total_s']} s)")
     return 0
+
+
+def attention_choice(report: dict) -> list[str]:
+    """Decode ms per step with FlexAttention in place vs the gather path, eager, same batch: < 1 means flex wins."""
+    out = []
+    for name, s in report["shapes"].items():
+        rows = s.get("decode", {}).get("batches", {})
+        for key, r in rows.items():
+            gather = rows.get(key.replace("_flex", "_eager"), {})
+            if key.endswith("_flex") and "ms_per_step" in r and "ms_per_step" in gather:
+                out.append(f"decode attention, {name} batch {r['batch']}: flex {r['ms_per_step']:.2f} ms vs gather "
+                           f"{gather['ms_per_step']:.2f} ms per step ({r['ms_per_step'] / gather['ms_per_step']:.2f}x)")
+    return out
 
 
 if __name__ == "__main__":

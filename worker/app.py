@@ -96,6 +96,7 @@ class Worker:
             tp=group.tp if group else None, plans=group.plans if group else None,
             on_group_failure=group.abort if group else None, heartbeat=self.heartbeat,
             cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs, max_context=layout.max_context,
+            decode_attention=config.decode_attention,
         )
 
     def _build_engine(self) -> Engine:

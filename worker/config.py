@@ -10,6 +10,7 @@ from common.internal_auth import INTERNAL_TOKEN_ENV, read_internal_token
 from worker import faults
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+DECODE_ATTENTION = ("gather", "flex")
 
 
 class ConfigRefused(ValueError):
@@ -43,6 +44,7 @@ class WorkerConfig:
     tp_size: int = 1  # tensor-parallel ranks in this replica; rank 0 (this process) spawns the others
     run_dir: Path | None = None  # each rank keeps its heartbeat file rank{r}.heartbeat here (worker.heartbeat)
     cuda_graphs: bool = False  # decode steps as CUDA graphs (one GPU rank only; worker.cuda_graphs)
+    decode_attention: str = "gather"  # gather: padded copy + SDPA; flex: in place (worker.model.flex_decode)
     inject_fault: str | None = None  # tests only: worker.faults spec; refused unless LLAMAGRID_ALLOW_FAULT_INJECTION=1
 
     def __post_init__(self) -> None:
@@ -66,6 +68,11 @@ class WorkerConfig:
             raise ValueError("metrics_port must be in 0..65535")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be at least 1, got {self.tp_size}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
+        if self.decode_attention == "flex" and self.cuda_graphs:
+            raise ValueError("decode_attention 'flex' cannot be combined with cuda_graphs: the graphs capture the "
+                             "gather path")
         faults.require_allowed(self.inject_fault)
 
     @property
@@ -100,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=None, help="write per-rank heartbeat files here")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps from CUDA graphs (CUDA device, --tp 1; ignored otherwise)")
+    p.add_argument("--decode-attention", default=d["decode_attention"].default, choices=DECODE_ATTENTION,
+                   help="decode rows: gather each sequence's KV blocks for SDPA, or read them in place with "
+                        "FlexAttention (compiled per batch bucket; slower on CPU)")
     p.add_argument("--inject-fault", default=None, metavar="SPEC",
                    help=f"tests only: e.g. oom@step=40,times=3 (needs {faults.ALLOW_ENV}=1; see worker/faults.py)")
     return p
@@ -128,4 +138,5 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         tp_size=args.tp,
         run_dir=args.run_dir,
         cuda_graphs=args.cuda_graphs,
+        decode_attention=args.decode_attention,
     )

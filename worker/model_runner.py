@@ -17,6 +17,7 @@ from worker.grammar import allocate_bitmask, fill_all
 from worker.heartbeat import Heartbeat
 from worker.model.context import AttentionContext
 from worker.model.dims import ModelDims
+from worker.model.flex_decode import FlexDecode
 from worker.model.parallel import TPInfo
 from worker.sampler import sample, token_logprobs
 from worker.scheduler import ScheduledBatch
@@ -33,7 +34,7 @@ class ModelRunner:
                  tp: TPInfo | None = None, plans: PlanChannel | None = None,
                  on_group_failure: Callable[[str, BaseException], None] | None = None,
                  heartbeat: Heartbeat | None = None, cuda_graphs: bool = False, max_num_seqs: int = 256,
-                 max_context: int = 4096):
+                 max_context: int = 4096, decode_attention: str = "gather"):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -57,6 +58,8 @@ class ModelRunner:
         self.logprobs: dict = {}  # request id -> TokenLogprobs of the last step, for the requests that asked
         # one thread filling grammar masks during the model's step (worker.grammar.fill_all: one call, without the GIL)
         self._masks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        if decode_attention == "flex":  # every rank the same: each runs the same attention on its heads
+            model.model.flex_decode = FlexDecode(num_blocks, block_size, max_num_seqs, device)
         self.graphs = None  # decode steps as CUDA graphs: one GPU rank only (worker.cuda_graphs)
         if cuda_graphs and device.type == "cuda" and self.tp.size == 1:
             from worker.cuda_graphs import DecodeGraphs

@@ -106,6 +106,17 @@ def test_tp2_greedy_equals_tp1_and_transformers(tp_worker, tiny_gqa_model_dir, t
     assert got == hf_greedy(tiny_gqa_model_dir, prompts, MAX_NEW_TOKENS)
 
 
+def test_tp2_flex_decode_equals_transformers(tiny_gqa_model_dir, tmp_path):
+    """Each rank reads its own heads' pages in place (`--decode-attention flex`): the same greedy tokens."""
+    prompts = random_prompts(1024, seed=4)[1::2]
+    worker = start_tp_worker(tiny_gqa_model_dir, tmp_path, "--decode-attention", "flex")
+    try:
+        got = generate(worker.address, prompts)
+    finally:
+        assert worker.stop() == 0
+    assert got == hf_greedy(tiny_gqa_model_dir, prompts, MAX_NEW_TOKENS)
+
+
 def test_heartbeats_of_both_ranks_keep_moving_while_idle(tp_worker):
     worker, run_dir = tp_worker
     pids = rank_pids(run_dir)

@@ -25,7 +25,8 @@ def test_gpu_bench_dry_run(tmp_path):
     assert seven["logits"]["pass"] and seven["logits"]["top1_agreement"] == 1.0
     assert seven["logits"]["max_abs_logprob_diff"] < 1e-3  # float32 on CPU
     batches = seven["decode"]["batches"]
-    assert set(batches) == {"1", "2", "4", "1_eager"}
+    assert set(batches) == {"1", "2", "4", "1_eager", "4_eager", "1_flex", "4_flex"}
+    assert batches["4_flex"]["attention"] == "flex" and batches["4_eager"]["attention"] == "gather"
     assert all(b["ms_per_step"] > 0 and b["floor_ms"] > 0 and b["ratio_to_floor"] > 0 for b in batches.values())
     assert seven["throughput"]["completed"] == seven["throughput"]["requests"] == 8
     assert seven["throughput"]["output_tokens"] == 8 * 8 and seven["throughput"]["errors"] == 0
@@ -36,3 +37,4 @@ def test_gpu_bench_dry_run(tmp_path):
     names = [c["name"] for c in report["checks"]]
     assert len(names) == 4 and all(c["pass"] is not None for c in report["checks"])
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+    assert "decode attention, llama2-7b batch 4: flex" in proc.stdout

@@ -1,4 +1,7 @@
-"""Paged attention in plain PyTorch (CPU): write the step's k/v to the block cache, attend through it."""
+"""Paged attention in plain PyTorch: write the step's k/v to the block cache, attend through it.
+
+Decode rows gather their blocks into a padded buffer for SDPA by default; with a FlexDecode (`--decode-attention
+flex`, worker.model.flex_decode) they are read in place from the pool instead. Prefill chunks always use SDPA."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.model.context import AttentionContext
+from worker.model.flex_decode import FlexDecode, FlexDecodeStep
 
 # Cost model for grouping decode sequences by context length (in units of one padded KV block read):
 # every extra group costs a few kernel launches, every padded block costs memory traffic.
@@ -43,6 +47,8 @@ class AttentionPlan:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
     scratch: torch.Tensor | None = None  # [2, max group blocks, block_size, Hkv, D], shared by all layers
+    flex: FlexDecode | None = None  # reads every decode row in place (then decode_groups is empty)
+    flex_step: FlexDecodeStep | None = None
 
     def gather_buffers(self, k_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reused buffers for a group's gathered K and V blocks (fresh ones page-fault in every layer)."""
@@ -52,7 +58,7 @@ class AttentionPlan:
         return self.scratch[0, :num_blocks], self.scratch[1, :num_blocks]
 
 
-def plan_attention(ctx: AttentionContext) -> AttentionPlan:
+def plan_attention(ctx: AttentionContext, flex: FlexDecode | None = None) -> AttentionPlan:
     bs = ctx.block_size
     cu = ctx.cu_query_lens.tolist()
     device = ctx.slot_mapping.device
@@ -68,6 +74,8 @@ def plan_attention(ctx: AttentionContext) -> AttentionPlan:
             mask = torch.arange(c, device=device)[None, :] <= rows[:, None]
             blocks = ctx.block_tables[i, : (c + bs - 1) // bs]
             prefills.append(PrefillChunk(cu[i], cu[i + 1], c, blocks, mask))
+    if flex is not None and decodes:
+        return AttentionPlan([], prefills, flex=flex, flex_step=flex.plan(ctx, decodes, cu))
     return AttentionPlan(_decode_groups(ctx, _group_by_length(decodes, ctx), cu), prefills)
 
 
@@ -138,6 +146,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
     num_heads = q.shape[1]
     out = torch.empty_like(q)
+    if plan.flex is not None:
+        plan.flex.attend(plan.flex_step, q, k_cache, v_cache, out, scale)
     for g in plan.decode_groups:
         b = g.blocks.numel() // g.num_blocks
         q_g = q[g.start : g.start + b] if g.rows is None else q.index_select(0, g.rows)

@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from worker.model.attention import AttentionPlan, paged_attention, plan_attention
 from worker.model.context import AttentionContext
 from worker.model.dims import ModelDims
+from worker.model.flex_decode import FlexDecode
 from worker.model.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -148,11 +149,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.flex_decode: FlexDecode | None = None  # set by the runner for `--decode-attention flex`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         # input_ids, positions: [T] -> [T, hidden]
-        plan = plan_attention(ctx)
+        plan = plan_attention(ctx, self.flex_decode)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
         residual = None

@@ -62,7 +62,7 @@ def _join_and_load(config: WorkerConfig, rank: int, world_size: int, store: str)
     layout = plan_kv_cache(config, hf_config, dtype, device)
     num_blocks = agree_num_blocks(layout.num_blocks, device)
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=layout.block_size, dtype=dtype, device=device,
-                         tp=tp)
+                         tp=tp, max_num_seqs=config.max_num_seqs, decode_attention=config.decode_attention)
     log.info("tp_rank_ready", kv_blocks=num_blocks, kv_pool_bytes=runner.kv_cache_bytes, device=str(device))
     return runner, plans
 
