@@ -74,7 +74,7 @@ class Worker:
         self.metrics: WorkerMetrics | None = None
         log.info("worker_loaded", load_s=round(time.monotonic() - started, 2), kv_blocks=self.layout.num_blocks,
                  kv_pool_bytes=self.runner.kv_cache_bytes, max_context=self.layout.max_context,
-                 device=str(self.device), dtype=str(self.dtype))
+                 device=str(self.device), dtype=str(self.dtype), decode_attention=config.decode_attention)
 
     @property
     def info(self) -> WorkerInfo:
