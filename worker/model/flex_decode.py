@@ -5,7 +5,8 @@ at batch 128 and long contexts that copy moves a large fraction of the weight by
 whole pool of one layer is a single key/value sequence shared by the batch, and a BlockMask built from the block
 tables tells the kernel which pages each sequence reads, so nothing is copied:
 
-- a page of the pool is one kv block of the mask (KV_BLOCK_SIZE = block_size), a query is one decode token;
+- a page of the pool is one kv block of the mask (KV_BLOCK_SIZE = block_size; CUDA's kernel shrinks its tile to
+  fit), a sequence's one decode query is its only query block;
 - a sequence's full pages need no mask at all; its last page, if partial, masks the offsets at or past its length
   (`kv_idx % block_size < rem[b]`), which is the only per-element work;
 - the index tensors are persistent buffers as wide as the pool (the kernel requires the mask to span the whole key
@@ -25,6 +26,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from worker.model.context import AttentionContext
 
 MIN_BUCKET = 8  # the smallest padded batch: on a CPU every bucket costs a few seconds of compilation
+# One query block spans the single decode query; CUDA's decoding kernel needs its tile (at least 16 rows: query
+# heads sharing a kv head) to divide the mask's query block, as the default 128 does.
+Q_BLOCK = 128
 
 
 def batch_bucket(n: int) -> int:
@@ -80,7 +84,8 @@ class FlexDecode:
 
         mask = BlockMask.from_kv_blocks(
             counts[1].view(padded, 1, 1), self._partial[:padded], counts[0].view(padded, 1, 1), self._full[:padded],
-            BLOCK_SIZE=(1, bs), mask_mod=partial_page, seq_lengths=(1, self.num_blocks * bs), compute_q_blocks=False,
+            BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=partial_page, seq_lengths=(1, self.num_blocks * bs),
+            compute_q_blocks=False,
         )
         rows = None if contiguous else ctx.cu_query_lens.index_select(0, index)
         return FlexDecodeStep(rows, cu[decodes[0]], b, padded, mask)
