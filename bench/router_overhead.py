@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ class Cluster:
     pin: tuple[set[int], set[int]] | None = None  # (worker cpus, router + redis + client cpus)
     with_relay: bool = True  # also run bench/bare_relay.py in front of the worker (the floor of a Python gRPC hop)
     relay_uvloop: bool = False  # ... on uvloop's event loop
+    keep_logs: Path | None = None  # copy the processes' logs here on stop
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llamagrid-bench-")))
     worker: object | None = None
     redis: object | None = None
@@ -205,6 +207,10 @@ class Cluster:
             self.redis.close()
         for f in self._logs:
             f.close()
+        if self.keep_logs is not None:
+            for name in ("worker.log", "router.log", "relay.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.tmp / name, self.keep_logs / name)
         for p in sorted(self.tmp.rglob("*"), reverse=True):
             with contextlib.suppress(OSError):
                 p.rmdir() if p.is_dir() else p.unlink()
@@ -519,6 +525,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seeds the per-round order at 1 stream and the bootstraps")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--keep-logs", type=Path, default=None,
+                    help="copy the worker's, router's and relay's logs into this directory (e.g. to read the "
+                         "router's own ttft_ms per request from its request_finished lines)")
     args = ap.parse_args()
     args.concurrency = ([int(x) for x in args.concurrency.split(",")] if args.concurrency
                         else ([1, 16] if args.quick else [1, 16, 128]))
@@ -552,7 +561,9 @@ def main() -> int:
           f"cpus {os.cpu_count()}{f'; pinned worker {sorted(pin[0])} / rest {sorted(pin[1])}' if pin else ''}",
           flush=True)
     cluster = Cluster(worker_args, args.log_level, args.profile_router, tuple(args.router_args.split()), pin=pin,
-                      with_relay=args.relay, relay_uvloop=args.relay_uvloop)
+                      with_relay=args.relay, relay_uvloop=args.relay_uvloop, keep_logs=args.keep_logs)
+    if args.keep_logs is not None:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         cluster.start()
