@@ -76,6 +76,7 @@ class RouterConfig:
     max_concurrent_streams: int = 1024  # calls in flight on one connection; more wait in the client
     log_level: str = "info"
     event_loop: str = "auto"  # uvloop when installed (common.event_loop), or "uvloop" / "asyncio"
+    accept_ahead: int = 32  # new calls per public method gRPC core may match at once (router.accept); 0 = grpc's 1
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -89,6 +90,8 @@ class RouterConfig:
             raise ValueError("host must not be empty")
         if self.metrics_host is not None and not self.metrics_host:
             raise ValueError("metrics_host must be None or a non-empty host")
+        if self.accept_ahead < 0:
+            raise ValueError(f"accept_ahead must be at least 0, got {self.accept_ahead}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.routing not in ROUTINGS:
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-loop", choices=EVENT_LOOPS, default=d["event_loop"].default,
                    help="the event loop: uvloop when installed (auto, the default; its passes cost less, and grpc.aio "
                         "takes one new call per pass), or asyncio's own")
+    p.add_argument("--accept-ahead", type=int, default=d["accept_ahead"].default,
+                   help="new calls of each public method that gRPC may hand over in one event-loop pass (grpc.aio "
+                        "alone: 1, so a burst of calls waits passes; 0 keeps grpc.aio's own)")
     return p
 
 
@@ -279,6 +285,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         max_concurrent_streams=args.max_concurrent_streams,
         log_level=args.log_level,
         event_loop=args.event_loop,
+        accept_ahead=args.accept_ahead,
     )
 
 

@@ -18,6 +18,7 @@ from ratelimit.limiter import RateLimiter, connect
 from ratelimit.peers import PeerRegistry
 from ratelimit.policy import FailurePolicy, GuardedLimiter
 from ratelimit.tiers import TierSource
+from router.accept import ExtraAcceptors, method_handlers
 from router.admission import Admission
 from router.auth import Authenticator, LastKnownKeys
 from router.background import Background
@@ -46,7 +47,7 @@ def _bind(server: grpc.aio.Server, config: RouterConfig) -> int:
     return port
 
 
-def _grpc_server(config: RouterConfig) -> grpc.aio.Server:
+def _grpc_server(config: RouterConfig, interceptors: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
     connections = server_options(
         keepalive_time_s=config.keepalive_time_s, keepalive_timeout_s=config.keepalive_timeout_s,
         min_client_ping_interval_s=config.min_client_ping_interval_s,
@@ -55,7 +56,7 @@ def _grpc_server(config: RouterConfig) -> grpc.aio.Server:
         max_concurrent_streams=config.max_concurrent_streams)
     # SO_REUSEPORT only when asked (the processes of `--processes N`): else a second router on a port in use fails
     reuse_port = 1 if config.reuse_port else 0
-    return grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *connections], interceptors=[RequestGuard()])
+    return grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *connections], interceptors=interceptors)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None) -> 
     if config.metrics_port is not None:
         metrics_http = serve_metrics(metrics.registry, config.metrics_host or config.host, config.metrics_port)
         log.info("metrics_serving", port=metrics_http.server_port)
-    server = _grpc_server(config)
+    interceptors = [RequestGuard()]  # (also run by the extra acceptors: router.accept)
+    server = _grpc_server(config, interceptors)
     servicer = RouterServicer(config, admission, relay, metrics)
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health = RouterHealth(pool)
@@ -117,11 +119,14 @@ async def build_router(config: RouterConfig, pool: WorkerPool | None = None) -> 
         http = HttpServer(Edge(servicer, metrics, health.ready), config.host, config.http_port, config.reuse_port,
                           config.drain_grace_s, config.tls_cert, config.tls_key)
     await server.start()
+    accepting = ExtraAcceptors(server, method_handlers(pb_grpc.add_InferenceServicer_to_server, servicer),
+                               interceptors, config.accept_ahead).start()
     if http is not None:
         await http.start()
     await health.start()
     metrics.loop_lag.start()
     log.info("router_started", port=port, http_port=http.port if http is not None else None, workers=config.workers,
+             accept_ahead=config.accept_ahead if accepting else 0,
              routers=peers.count(), tls=config.tls_cert is not None,
              internal_token=config.internal_token is not None)
 

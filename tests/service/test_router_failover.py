@@ -23,7 +23,9 @@ from tests.support.waits import wait_until
 
 TIERS = ("[tiers.load]\nrequests_per_minute = 1000000\ntokens_per_minute = 100000000\n"
          "max_concurrent_requests = 1000\n")  # the load's streams run all at once
-DIES = Script(token_delay_s=0.01, faults=[Fault(kind="die", after_tokens=5, exit_code=86, times=1)])
+# 10 tokens 30 ms apart before it dies: the router reads them while it takes the whole burst of calls, so the job
+# is resumed mid-stream (tokens gRPC received but the router had not yet asked for go down with the connection)
+DIES = Script(token_delay_s=0.03, faults=[Fault(kind="die", after_tokens=10, exit_code=86, times=1)])
 
 
 def _requests(n: int, seed: int = 4) -> list[pb.GenerateRequest]:
@@ -83,7 +85,7 @@ def tiers_path(tmp_path_factory):
 
 
 def test_a_replica_dying_again_and_again_mid_load_loses_nothing(fakes, redis_server, key, tiers_path, tmp_path):
-    """Replica C dies (exit 86, as after repeated OOM) on the first job of every life, after 5 tokens; it is started
+    """Replica C dies (exit 86, as after repeated OOM) on the first job of every life, after 10 tokens; it is started
     again each time. Every request completes exactly as an uninterrupted run would have, those C was streaming
     resumed mid-stream elsewhere, and the router keeps trying the restarted replica."""
     a, b = fakes.start_many(2, lambda: Script(token_delay_s=0.01))
