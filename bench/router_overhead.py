@@ -517,6 +517,7 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="give the worker its own CPUs (the first half) and the router, Redis and this client the "
                          "rest, as in a deployment where they do not share cores; implies --worker-threads = its CPUs")
+    ap.add_argument("--worker-args", default="", help="extra worker options, e.g. --worker-args=--accept-ahead=0")
     ap.add_argument("--router-args", default="", help="extra router options, e.g. --router-args=--no-dispatch-ahead")
     ap.add_argument("--no-relay", dest="relay", action="store_false",
                     help="skip the bare relay baseline (bench/bare_relay.py: a Python gRPC hop with nothing else)")
@@ -554,6 +555,7 @@ def main() -> int:
     worker_args = ["--kv-cache-tokens", str(kv), "--max-num-seqs", str(max(128, max(args.concurrency)))]
     if args.worker_threads > 0:
         worker_args += ["--num-threads", str(args.worker_threads)]
+    worker_args += args.worker_args.split()
     print(f"levels {args.concurrency}, {args.rounds} blocks per target and level (1 stream: by request), targets "
           f"direct, router{', bare relay' if args.relay else ''}, "
           f">= {args.min_requests} requests per block, {args.max_new_tokens} tokens each (greedy, EOS ignored), "

@@ -1,11 +1,13 @@
-"""More calls accepted per event-loop pass: extra outstanding "request call"s for the public streaming methods.
+"""More calls accepted per event-loop pass: extra outstanding "request call"s for the public methods.
 
 grpc.aio's server keeps one outstanding request for new calls per method. Each accepted call takes several passes
 of the event loop (the request's completion, its task, the serving loop's wait, a new request task) before the next
 call of that method can be matched, so under a burst new calls queue inside gRPC core at a rate set by how long
 the loop's passes are, which on a busy router is most of a stream's time to first token (bench/router_overhead.py,
 --keep-logs: the router's own ttft_ms is a fraction of what the client sees). Here `count` more requests per method
-stay outstanding, each re-armed by a small task of its own, so a burst is matched `count` calls per pass.
+stay outstanding, each re-armed by a small task of its own, so a burst is matched `count` calls per pass. (The worker's
+server gains nothing from it in the same benchmark: its calls come from a few routers and its loop is not the
+bottleneck.)
 
 This drives grpc.aio's server through its Cython internals (the same calls its serving loop makes). Every name it
 needs is checked at start; when one is missing (another grpc version), it logs `extra_acceptors_unavailable` and
