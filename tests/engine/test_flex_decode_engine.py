@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.test_parity import MAX_NEW_TOKENS, PROMPT_LENGTHS, hf_greedy, random_prompts
+from tests.engine.test_parity import assert_batched_greedy_matches_transformers, random_prompts
 from tests.engine_utils import make_worker, run_all
 from worker.config import WorkerConfig
 from worker.sequence import SamplingParams
@@ -14,18 +14,9 @@ from worker.sequence import SamplingParams
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_gqa_model_dir"])
 def test_flex_decode_greedy_matches_transformers(fixture, request):
-    model_dir = request.getfixturevalue(fixture)
     # 16 prompts, at most 12 at once: batches of 9..12 decode rows run in the 16 bucket, fewer in the 8 one
-    worker = make_worker(model_dir, max_num_batched_tokens=256, max_num_seqs=12, decode_attention="flex")
-    try:
-        assert worker.runner.model.model.flex_decode is not None
-        prompts = random_prompts(worker.info.vocab_size, seed=len(fixture))
-        results = run_all(worker, prompts, SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
-    finally:
-        worker.engine.stop()
-    expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
-    for n, r, e in zip(PROMPT_LENGTHS, results, expected, strict=True):
-        assert r.token_ids == e, f"prompt length {n}"
+    assert_batched_greedy_matches_transformers(request.getfixturevalue(fixture), seed=len(fixture), max_num_seqs=12,
+                                               decode_attention="flex")
 
 
 def test_flex_decode_equals_gather_with_shared_prefixes(tiny_model_dir):
@@ -37,6 +28,7 @@ def test_flex_decode_equals_gather_with_shared_prefixes(tiny_model_dir):
     for mode in ("gather", "flex"):
         worker = make_worker(tiny_model_dir, max_num_batched_tokens=128, decode_attention=mode)
         try:
+            assert (worker.runner.model.model.flex_decode is not None) == (mode == "flex")
             run_all(worker, [shared], params, prefix="warm")  # its pages are cached before the batch arrives
             results = run_all(worker, prompts, params)
             outs[mode] = [r.token_ids for r in results]

@@ -32,18 +32,22 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
     return outs
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_gqa_model_dir", "tiny_rope_model_dir"])
-def test_batched_greedy_matches_transformers(fixture, request):
-    model_dir = request.getfixturevalue(fixture)
-    worker = make_worker(model_dir, max_num_batched_tokens=256)
+def assert_batched_greedy_matches_transformers(model_dir, seed: int, **overrides) -> None:
+    """PROMPT_LENGTHS random prompts submitted at once to a worker configured with `overrides`."""
+    worker = make_worker(model_dir, max_num_batched_tokens=256, **overrides)
     try:
-        prompts = random_prompts(worker.info.vocab_size, seed=len(fixture))
+        prompts = random_prompts(worker.info.vocab_size, seed=seed)
         results = run_all(worker, prompts, SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
     finally:
         worker.engine.stop()
     expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
     for n, r, e in zip(PROMPT_LENGTHS, results, expected, strict=True):
         assert r.token_ids == e, f"prompt length {n}"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_gqa_model_dir", "tiny_rope_model_dir"])
+def test_batched_greedy_matches_transformers(fixture, request):
+    assert_batched_greedy_matches_transformers(request.getfixturevalue(fixture), seed=len(fixture))
 
 
 def test_preemption_keeps_outputs(tiny_model_dir):
