@@ -77,7 +77,7 @@ DRY_SHAPES = {
 FULL = dict(decode_batches=[1, 8, 32, 128], decode_prompt=128, decode_steps=32, requests=256, prompt_range=(32, 512),
             output_len=128, hf_batch=32, logit_prompts=[17, 64, 200, 511], copy_bytes=2 << 30, budget_s=450.0)
 DRY = dict(decode_batches=[1, 2, 4], decode_prompt=16, decode_steps=3, requests=8, prompt_range=(8, 32),
-           output_len=8, hf_batch=4, logit_prompts=[5, 19], copy_bytes=16 << 20, budget_s=50.0)
+           output_len=8, hf_batch=4, logit_prompts=[5, 19], copy_bytes=16 << 20, budget_s=120.0)
 B1_FLOOR_RATIO = 1.25
 THROUGHPUT_RATIO = 3.0
 TOP1_MIN, LOGPROB_DIFF_MAX = 0.95, 0.5
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="load random weights from memory (GPU default) or via a written HF checkpoint (dry-run "
                          "default)")
     ap.add_argument("--hf-shapes", default="llama2-7b", help="shapes that also get the transformers phases")
-    ap.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 450; dry-run 50)")
+    ap.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 450; dry-run 120)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     import transformers

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_bench_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["config"]["dry_run"] and report["config"]["weights"] == "disk"
