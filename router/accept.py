@@ -100,6 +100,10 @@ class ExtraAcceptors:
     def running(self) -> int:
         return sum(not t.done() for t in self._loops)
 
+    async def ended(self) -> None:
+        """Returns once every accept loop has ended (after the server stopped)."""
+        await asyncio.gather(*self._loops)
+
     async def _accept(self, core, resolver, method: str, loop: asyncio.AbstractEventLoop) -> None:
         # Never cancelled from outside: a request call cancelled while outstanding would leave gRPC core a request
         # whose call nobody handles. The server's shutdown fails the outstanding one, which ends this loop.

@@ -23,7 +23,7 @@ def test_flex_decode_over_the_pool_matches_the_gather_path():
     scale = args.head_dim ** -0.5
     flex = FlexDecode(args.pool_blocks, args.block_size, args.seqs, torch.device("cpu"))
     plan = plan_attention(ctx, flex)
-    assert plan.decode_groups == [] and plan.flex_step.padded == batch_bucket(5) == 8
+    assert plan.decode_groups == [] and plan.flex.padded == batch_bucket(5) == 8
     caches = k_cache.clone(), v_cache.clone()
     got = paged_attention(q, k, v, *caches, ctx, scale, plan)
     want = paged_attention(q, k, v, k_cache, v_cache, ctx, scale, plan_attention(ctx))

@@ -18,7 +18,6 @@ class Streamer(pb_grpc.InferenceServicer):
     async def GenerateStream(self, request, context):
         for i in range(request.parameters.max_new_tokens):
             yield pb.GenerateChunk(text=str(i))
-            await asyncio.sleep(0)
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse()
@@ -68,10 +67,7 @@ def test_a_burst_is_served_by_the_extra_requests_through_the_interceptors():
         async with grpc.aio.insecure_channel(address) as channel:  # a unary method too
             await pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         await asyncio.wait_for(server.stop(1), 10)
-        for _ in range(100):  # the server's shutdown fails each outstanding request: every loop ends
-            if acceptors.running == 0:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(acceptors.ended(), 10)  # the shutdown fails each outstanding request: every loop ends
         assert acceptors.running == 0
 
     asyncio.run(main())

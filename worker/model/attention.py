@@ -47,8 +47,7 @@ class AttentionPlan:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
     scratch: torch.Tensor | None = None  # [2, max group blocks, block_size, Hkv, D], shared by all layers
-    flex: FlexDecode | None = None  # reads every decode row in place (then decode_groups is empty)
-    flex_step: FlexDecodeStep | None = None
+    flex: FlexDecodeStep | None = None  # reads every decode row in place (then decode_groups is empty)
 
     def gather_buffers(self, k_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reused buffers for a group's gathered K and V blocks (fresh ones page-fault in every layer)."""
@@ -75,7 +74,7 @@ def plan_attention(ctx: AttentionContext, flex: FlexDecode | None = None) -> Att
             blocks = ctx.block_tables[i, : (c + bs - 1) // bs]
             prefills.append(PrefillChunk(cu[i], cu[i + 1], c, blocks, mask))
     if flex is not None and decodes:
-        return AttentionPlan([], prefills, flex=flex, flex_step=flex.plan(ctx, decodes, cu))
+        return AttentionPlan([], prefills, flex=flex.plan(ctx, decodes, cu))
     return AttentionPlan(_decode_groups(ctx, _group_by_length(decodes, ctx), cu), prefills)
 
 
@@ -147,7 +146,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads = q.shape[1]
     out = torch.empty_like(q)
     if plan.flex is not None:
-        plan.flex.attend(plan.flex_step, q, k_cache, v_cache, out, scale)
+        plan.flex.attend(q, k_cache, v_cache, out, scale)
     for g in plan.decode_groups:
         b = g.blocks.numel() // g.num_blocks
         q_g = q[g.start : g.start + b] if g.rows is None else q.index_select(0, g.rows)

@@ -47,10 +47,29 @@ class FlexDecodeStep:
     batch: int  # B real sequences
     padded: int  # the bucket the kernel runs at
     block_mask: BlockMask
+    kernel: object  # FlexDecode's compiled flex_attention
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+               scale: float) -> None:
+        # q: [T, Hq, D] (all of the step's rows); k_cache, v_cache: [num_blocks, block_size, Hkv, D]; writes out's
+        # decode rows
+        num_kv_heads, head_dim = k_cache.shape[2:]
+        b, padded = self.batch, self.padded
+        q_d = q[self.start : self.start + b] if self.rows is None else q.index_select(0, self.rows)
+        if padded > b:
+            q_d = torch.cat((q_d, q_d.new_zeros((padded - b, *q_d.shape[1:]))))
+        keys = k_cache.view(1, -1, num_kv_heads, head_dim).transpose(1, 2).expand(padded, -1, -1, -1)
+        values = v_cache.view(1, -1, num_kv_heads, head_dim).transpose(1, 2).expand(padded, -1, -1, -1)
+        o = self.kernel(q_d[:, :, None, :], keys, values, block_mask=self.block_mask, scale=scale,
+                        enable_gqa=True)[:b, :, 0]
+        if self.rows is None:
+            out[self.start : self.start + b] = o
+        else:
+            out.index_copy_(0, self.rows, o)
 
 
 class FlexDecode:
-    """Builds a step's BlockMask over the pool and runs the compiled FlexAttention kernel for every layer."""
+    """Builds each step's BlockMask over the pool (FlexDecodeStep, which every layer runs the compiled kernel with)."""
 
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, device: torch.device):
         self.num_blocks = num_blocks
@@ -58,7 +77,8 @@ class FlexDecode:
         most = batch_bucket(max_num_seqs)
         # page ids per (sequence, 1 head, 1 query block, page); only the first count entries of a row are read
         self._full = torch.zeros(most, 1, 1, num_blocks, dtype=torch.int32, device=device)
-        self._partial = torch.zeros(most, 1, 1, num_blocks, dtype=torch.int32, device=device)
+        # a partial page is at most one per sequence: one column, seen by the mask as wide as the pool
+        self._partial = torch.zeros(most, 1, 1, 1, dtype=torch.int32, device=device)
         self._kernel = torch.compile(flex_attention, dynamic=False)
 
     def plan(self, ctx: AttentionContext, decodes: list[int], cu: list[int]) -> FlexDecodeStep:
@@ -73,9 +93,9 @@ class FlexDecode:
         full = lens // bs
         counts = torch.zeros(2, padded, dtype=torch.int32, device=lens.device)  # [full pages, partial pages]
         counts[0, :b] = full
-        counts[1, :b] = (lens % bs != 0).to(torch.int32)
-        rem = torch.zeros(padded, dtype=torch.int32, device=lens.device)
-        rem[:b] = lens - full * bs
+        rem = torch.zeros(padded, dtype=torch.int32, device=lens.device)  # tokens on the partial page
+        rem[:b] = lens % bs
+        counts[1] = rem != 0
         self._full[:b, 0, 0, :width] = tables
         self._partial[:b, 0, 0, 0] = tables.gather(1, full.clamp(max=width - 1)[:, None])[:, 0]
 
@@ -83,27 +103,10 @@ class FlexDecode:
             return kv_idx % bs < rem[b]
 
         mask = BlockMask.from_kv_blocks(
-            counts[1].view(padded, 1, 1), self._partial[:padded], counts[0].view(padded, 1, 1), self._full[:padded],
+            counts[1].view(padded, 1, 1), self._partial[:padded].expand(-1, -1, -1, self.num_blocks),
+            counts[0].view(padded, 1, 1), self._full[:padded],
             BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=partial_page, seq_lengths=(1, self.num_blocks * bs),
             compute_q_blocks=False,
         )
         rows = None if contiguous else ctx.cu_query_lens.index_select(0, index)
-        return FlexDecodeStep(rows, cu[decodes[0]], b, padded, mask)
-
-    def attend(self, step: FlexDecodeStep, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               out: torch.Tensor, scale: float) -> None:
-        # q: [T, Hq, D] (all of the step's rows); k_cache, v_cache: [num_blocks, block_size, Hkv, D]; writes out's
-        # decode rows
-        num_kv_heads, head_dim = k_cache.shape[2:]
-        b, padded = step.batch, step.padded
-        q_d = q[step.start : step.start + b] if step.rows is None else q.index_select(0, step.rows)
-        if padded > b:
-            q_d = torch.cat((q_d, q_d.new_zeros((padded - b, *q_d.shape[1:]))))
-        keys = k_cache.view(1, -1, num_kv_heads, head_dim).transpose(1, 2).expand(padded, -1, -1, -1)
-        values = v_cache.view(1, -1, num_kv_heads, head_dim).transpose(1, 2).expand(padded, -1, -1, -1)
-        o = self._kernel(q_d[:, :, None, :], keys, values, block_mask=step.block_mask, scale=scale,
-                         enable_gqa=True)[:b, :, 0]
-        if step.rows is None:
-            out[step.start : step.start + b] = o
-        else:
-            out.index_copy_(0, step.rows, o)
+        return FlexDecodeStep(rows, cu[decodes[0]], b, padded, mask, self._kernel)
